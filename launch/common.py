@@ -1,0 +1,29 @@
+"""What every entry point shares: quiet logs, one-line errors with exit code 2."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+
+EXIT_USAGE = 2
+
+
+def setup_logging() -> None:
+    # torch 2.13 + deepspeed emit dozens of FutureWarnings per run; they drown the real messages.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+    rank = int(os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("SLURM_PROCID", "0"))))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"[rank{rank}] %(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "datasets", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> "None":
+    """One line on stderr naming what is wrong, then exit (no traceback)."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
