@@ -127,7 +127,8 @@ def read_adapter_config(directory) -> dict:
         meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AdapterError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(meta, dict) or "propulsion" not in meta or "targets" not in meta:
+    if not isinstance(meta, dict) or not isinstance(meta.get("propulsion"), dict) \
+            or not isinstance(meta.get("targets"), dict):
         raise AdapterError(f"{path} lacks 'propulsion' and 'targets': not a propulsion adapter config")
     if meta.get("format_version") != FORMAT_VERSION:
         raise AdapterError(f"{path} has format_version {meta.get('format_version')!r}; "
@@ -178,11 +179,12 @@ def load_adapter(model: nn.Module, directory) -> nn.Module:
     if meta.get("architecture") != arch:
         raise AdapterError(f"adapter was made for {meta.get('architecture')}, this model is {arch}")
     state = get_state(model)
-    if state is None:
-        inject(model, config)
-    elif state.config != config:
+    if state is not None and state.config != config:
         raise AdapterError(f"model already carries Propulsion {state.config.to_dict()}, "
                            f"adapter was trained with {config.to_dict()}")
+    weights = read_adapter_weights(directory)  # before inject: an unreadable file leaves the model as it was
+    if state is None:
+        inject(model, config)
     check_compatible(model, meta)
-    load_adapter_state_dict(model, read_adapter_weights(directory))
+    load_adapter_state_dict(model, weights)
     return model

@@ -73,21 +73,34 @@ class PropulsionState:
 
 
 def scale_from_delta(delta: torch.Tensor, degree: int) -> torch.Tensor:
-    """fp32 channel scale mean_i (1 + delta_i)**k from a (n, d) offset (DESIGN §1 Numerics)."""
-    z = 1.0 + delta.float()
+    """Channel scale mean_i (1 + delta_i)**k from a (n, d) offset (DESIGN §1 Numerics).
+
+    Computed in fp32, or in float64 for a float64 delta (never below the delta's precision).
+    """
+    z = 1.0 + delta.to(torch.promote_types(delta.dtype, torch.float32))
     if z.shape[0] == 1:
         return z[0] ** degree
     return (z ** degree).mean(0)
 
 
+class _ScaleHook:
+    """Forward hook y -> y * scale(delta[:, lo:hi]), computed in fp32 (float64 for float64 y).
+
+    An object rather than a closure: ``copy.deepcopy`` (and pickling) of the model then rebinds
+    ``root`` to the copy, so a copied model reads its own delta, not the original's.
+    """
+
+    def __init__(self, root: nn.Module, lo: int, hi: int, degree: int):
+        self.root, self.lo, self.hi, self.degree = root, lo, hi, degree
+
+    def __call__(self, module, args, output):
+        scale = scale_from_delta(getattr(self.root, DELTA_NAME)[:, self.lo:self.hi], self.degree)
+        dtype = torch.promote_types(output.dtype, scale.dtype)
+        return (output.to(dtype) * scale.to(dtype)).to(output.dtype)
+
+
 def _make_hook(root: nn.Module, slot: Slot, degree: int):
-    lo, hi = slot.offset, slot.offset + slot.size
-
-    def hook(module, args, output):
-        scale = scale_from_delta(getattr(root, DELTA_NAME)[:, lo:hi], degree)
-        return (output.float() * scale).to(output.dtype)
-
-    return hook
+    return _ScaleHook(root, slot.offset, slot.offset + slot.size, degree)
 
 
 def get_state(model: nn.Module) -> PropulsionState | None:
@@ -172,6 +185,10 @@ def merge_and_unload(model: nn.Module, untie: bool = False) -> nn.Module:
         model.config.tie_word_embeddings = False
         if hasattr(model, "_tied_weights_keys"):
             model._tied_weights_keys = None
+        if hasattr(model, "all_tied_weights_keys"):
+            # transformers >= 5 caches the tie mapping at init; tie_weights(recompute_mapping=False)
+            # (init_weights, from_pretrained) would otherwise re-tie lm_head to the scaled embedding.
+            model.all_tied_weights_keys = {}
 
     scales = channel_scales(model)
     modules = dict(model.named_modules())
@@ -179,14 +196,15 @@ def merge_and_unload(model: nn.Module, untie: bool = False) -> nn.Module:
         for slot in state.slots:
             module, s = modules[slot.name], scales[slot.name]
             w = module.weight
-            if isinstance(module, nn.Embedding):
-                w.copy_((w.float() * s[None, :]).to(w.dtype))
-            elif is_conv1d(module):
-                w.copy_((w.float() * s[None, :]).to(w.dtype))
-            else:
-                w.copy_((w.float() * s[:, None]).to(w.dtype))
-            if getattr(module, "bias", None) is not None:
-                module.bias.copy_((module.bias.float() * s).to(module.bias.dtype))
+            wd = torch.promote_types(w.dtype, s.dtype)
+            if isinstance(module, nn.Embedding) or is_conv1d(module):  # (vocab|in, out)
+                w.copy_((w.to(wd) * s.to(wd)[None, :]).to(w.dtype))
+            else:  # nn.Linear: (out, in)
+                w.copy_((w.to(wd) * s.to(wd)[:, None]).to(w.dtype))
+            b = getattr(module, "bias", None)
+            if b is not None:
+                bd = torch.promote_types(b.dtype, s.dtype)
+                b.copy_((b.to(bd) * s.to(bd)).to(b.dtype))
     for handle in state.handles:
         handle.remove()
     del model._parameters[DELTA_NAME]
