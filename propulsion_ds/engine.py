@@ -61,7 +61,15 @@ class Trainer:
         self.rank, self.world = dist.rank(), dist.world_size()
         torch.manual_seed(cfg.train.seed)
         self.tokenizer = load_tokenizer(cfg.tokenizer_path, cfg.model.trust_remote_code)
+        if self.rank != 0:
+            import datasets
+            datasets.disable_progress_bars()
+        self.pad_id = data.pad_token_id(self.tokenizer)
         self.train_ds, self.eval_ds = data.build_datasets(cfg.data, self.tokenizer, cfg.train.seed)
+        mbs = cfg.train.micro_batch_size
+        if self.eval_ds is not None and data.batches_per_epoch(len(self.eval_ds), mbs, self.world) == 0:
+            raise data.DataError(f"the eval set has {len(self.eval_ds)} rows, fewer than micro_batch_size "
+                                 f"x ranks = {mbs * self.world}: add eval data or raise data.eval_fraction")
         self.batches_per_epoch = data.batches_per_epoch(len(self.train_ds), cfg.train.micro_batch_size,
                                                         self.world)
         accum = cfg.train.gradient_accumulation_steps
@@ -72,7 +80,7 @@ class Trainer:
         self.steps_per_epoch = self.batches_per_epoch // accum
         self.max_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
 
-        self.ds_config = resolve_deepspeed(cfg, self.world)
+        self.ds_config = resolve_deepspeed(cfg, self.world, total_steps=self.max_steps)
         self.model, self._hf_ds = load_base_model(cfg.model, self.ds_config)
         data.check_vocab(self.tokenizer, vocab_size(self.model))
         self.targets = inject(self.model, cfg.propulsion)
@@ -141,11 +149,10 @@ class Trainer:
         t = self.cfg.train
         while True:
             plan = data.epoch_batches(self.train_ds, t.micro_batch_size, self.rank, self.world,
-                                      t.seed, self.epoch, self.tokenizer.pad_token_id)
-            while self.batch_in_epoch < len(plan):
-                rows = self.train_ds[plan[self.batch_in_epoch]]
+                                      t.seed, self.epoch, start=self.batch_in_epoch)
+            for idx in plan:
                 self.batch_in_epoch += 1
-                yield self._device(data.collate(rows, self.tokenizer.pad_token_id))
+                yield self._device(data.get_batch(self.train_ds, idx, self.pad_id))
             self.epoch += 1
             self.batch_in_epoch = 0
 
@@ -275,11 +282,11 @@ class Trainer:
     def evaluate(self) -> dict:
         ev = self.cfg.eval
         plan = data.epoch_batches(self.eval_ds, self.cfg.train.micro_batch_size, self.rank, self.world,
-                                  self.cfg.train.seed, 0, self.tokenizer.pad_token_id, shuffle=False)
+                                  0, 0, shuffle=False)
         self.engine.eval()
         loss_sum = n_sum = 0.0
         for idx in plan[: ev.max_batches]:
-            batch = self._device(data.collate(self.eval_ds[idx], self.tokenizer.pad_token_id))
+            batch = self._device(data.get_batch(self.eval_ds, idx, self.pad_id))
             out = self.engine(**batch)
             n = float((batch["labels"][:, 1:] != -100).sum())
             loss_sum += out.loss.float().item() * n
