@@ -10,29 +10,74 @@ import torch
 
 
 def slurm_master_addr(nodelist: str) -> str:
-    """First host of a SLURM node list ("node[3-5,9],gpu1" -> "node3")."""
+    """First host of a SLURM node list ("node[3-5,9],gpu1" -> "node3"), as the address slurmd uses.
+
+    SLURM's NodeAddr is the host name on most clusters, and an IP where names do not resolve
+    (containers, network namespaces); fall back to the name, then to parsing the list by hand.
+    """
+    first = None
     try:
         out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
                              text=True, timeout=30, check=True).stdout.split()
         if out:
-            return out[0]
+            first = out[0]
     except (OSError, subprocess.SubprocessError):
         pass
-    first = nodelist.split(",")[0]
-    if "[" in first:
-        prefix, rest = first.split("[", 1)
-        return prefix + rest.rstrip("]").split(",")[0].split("-")[0]
+    if first is None:
+        head = nodelist.split(",")[0]
+        if "[" in head:
+            prefix, rest = head.split("[", 1)
+            head = prefix + rest.rstrip("]").split(",")[0].split("-")[0]
+        return head
+    try:
+        node = subprocess.run(["scontrol", "show", "node", "-o", first], capture_output=True,
+                              text=True, timeout=30, check=True).stdout
+        for field in node.split():
+            if field.startswith("NodeAddr=") and field[len("NodeAddr="):]:
+                return field[len("NodeAddr="):]
+    except (OSError, subprocess.SubprocessError):
+        pass
     return first
 
 
+def env_from_mpi(env=os.environ) -> None:
+    """Under Open MPI's mpirun with a MASTER_PORT given (`-x MASTER_PORT=...`), map its variables to torch's.
+
+    Without this DeepSpeed's MPI discovery always uses port 29500, so two jobs on one machine collide.
+    MASTER_ADDR comes from the environment, or is 127.0.0.1 when every rank runs on this host; with
+    several hosts and no MASTER_ADDR, DeepSpeed's discovery (rank 0's `hostname -I`, port 29500) is used.
+    """
+    if "OMPI_COMM_WORLD_RANK" not in env or "RANK" in env or "MASTER_PORT" not in env:
+        return
+    size = env.get("OMPI_COMM_WORLD_SIZE", "1")
+    if "MASTER_ADDR" not in env:
+        if env.get("OMPI_COMM_WORLD_LOCAL_SIZE") != size:
+            return
+        env["MASTER_ADDR"] = "127.0.0.1"
+    env["RANK"] = env["OMPI_COMM_WORLD_RANK"]
+    env["WORLD_SIZE"] = size
+    env["LOCAL_RANK"] = env.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")
+
+
 def env_from_slurm(env=os.environ) -> None:
-    """When srun starts the trainer directly (one task per GPU), map SLURM's variables to torch's."""
-    if "SLURM_PROCID" not in env or "RANK" in env or "OMPI_COMM_WORLD_RANK" in env:
+    """When srun starts the trainer directly (one task per GPU), map SLURM's variables to torch's.
+
+    Only inside a job step (srun sets SLURM_STEP_ID): the batch shell also carries SLURM_PROCID=0 and
+    the job's SLURM_NTASKS, and a trainer started there without srun is one process, not rank 0 of N.
+    torchrun (RANK) and mpirun (OMPI_COMM_WORLD_RANK, PMI_RANK) set their own variables and win.
+    MASTER_ADDR/MASTER_PORT already in the environment (train.sbatch exports both) are kept.
+    An mpirun launch (inside an allocation or not) is handed to env_from_mpi first.
+    """
+    env_from_mpi(env)
+    if ("SLURM_PROCID" not in env or "SLURM_STEP_ID" not in env or "RANK" in env
+            or "OMPI_COMM_WORLD_RANK" in env or "PMI_RANK" in env):
         return
     env["RANK"] = env["SLURM_PROCID"]
     env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
-    env["WORLD_SIZE"] = env.get("SLURM_NTASKS", "1")
-    env.setdefault("MASTER_ADDR", slurm_master_addr(env.get("SLURM_JOB_NODELIST", "localhost")))
+    env["WORLD_SIZE"] = env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1"))
+    if "MASTER_ADDR" not in env:
+        env["MASTER_ADDR"] = slurm_master_addr(env.get("SLURM_STEP_NODELIST",
+                                                       env.get("SLURM_JOB_NODELIST", "localhost")))
     env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
 
 
