@@ -83,24 +83,151 @@ def scale_from_delta(delta: torch.Tensor, degree: int) -> torch.Tensor:
     return (z ** degree).mean(0)
 
 
-class _ScaleHook:
-    """Forward hook y -> y * scale(delta[:, lo:hi]), computed in fp32 (float64 for float64 y).
+def _identity(t):
+    return t
 
-    An object rather than a closure: ``copy.deepcopy`` (and pickling) of the model then rebinds
-    ``root`` to the copy, so a copied model reads its own delta, not the original's.
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass (where activation checkpointing recomputes)."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
+
+
+class _ScaleCache:
+    """The whole model's channel scale, computed once per forward and split per target.
+
+    Per step this costs a handful of small tensor ops (add, pow, one split) instead of a slice,
+    add and pow per target, and backward concatenates the targets' scale gradients once (split's
+    backward) instead of scattering each slice into a zero tensor of the whole delta's size.
+
+    The scale is computed lazily by the first target hook of a forward, where ZeRO-3 has gathered
+    the root's delta (the root's pre-forward fetch has run). The root's forward pre-hook
+    (``invalidate``) drops it before every forward; the cache is also keyed on the delta's
+    identity, version and storage and on the grad mode, so without ZeRO a delta changed in place
+    (an optimizer step) or a module called outside the root's forward never reads a stale scale.
+
+    Activation checkpointing: the shared scale is computed outside the checkpoint's saved-tensor
+    hooks, so an original forward and its recomputation save the same tensors; a recomputation
+    (it runs inside backward) takes a fresh per-target scale instead of the cache, which keeps
+    reentrant checkpointing's separate per-layer backward passes independent.
+
+    ``values`` (detached) and ``invertible`` belong to the forward that computed them: a
+    recomputation returns exactly those values and decides in place / not as the forward did.
+    ``invertible``: every scale is finite and not tiny, so y can be scaled in place and recovered
+    as y' / scale in backward (see ``_ScaleOutput``).
     """
 
-    def __init__(self, root: nn.Module, lo: int, hi: int, degree: int):
-        self.root, self.lo, self.hi, self.degree = root, lo, hi, degree
+    def __init__(self, root: nn.Module, sizes: list, degree: int):
+        self.root, self.sizes, self.degree = root, list(sizes), degree
+        self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
+        self.chunks, self.key = None, None                          # this forward's scale, split
+        self.values, self.invertible, self.values_key = None, None, None   # the delta's scale values
+
+    def invalidate(self, *unused) -> None:
+        # Every forward of the root starts afresh: under ZeRO-3 an optimizer step may rewrite the
+        # delta in the same storage without bumping its version, so the key alone cannot tell.
+        self.chunks = self.key = self.values = self.invertible = self.values_key = None
+
+    def get(self, index: int) -> tuple[torch.Tensor, bool]:
+        """(this target's scale, whether every scale is invertible)."""
+        delta = getattr(self.root, DELTA_NAME)
+        values_key = (id(delta), delta._version, delta.data_ptr(), delta.dtype, delta.device)
+        with torch.autograd.graph.saved_tensors_hooks(_identity, _identity):
+            if _in_backward():
+                return self._recomputed(delta, values_key, index), self.invertible
+            key = values_key + (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+            if self.chunks is None or key != self.key:
+                scale = scale_from_delta(delta, self.degree)
+                self.chunks, self.key = scale.split(self.sizes, dim=0), key
+                self._set_values(scale.detach(), values_key)
+        return self.chunks[index], self.invertible
+
+    def _recomputed(self, delta: torch.Tensor, values_key: tuple, index: int) -> torch.Tensor:
+        if self.values is None or values_key != self.values_key:
+            with torch.no_grad():
+                self._set_values(scale_from_delta(delta, self.degree), values_key)
+        lo, hi = self.offsets[index], self.offsets[index] + self.sizes[index]
+        part = scale_from_delta(delta[:, lo:hi], self.degree)
+        # The forward's exact values (a slice's pow may round differently from the whole tensor's
+        # in the last bit) with the slice's gradient: values - part is exact (the two are within a
+        # factor of 2, Sterbenz), so part + (values - part) == values bit for bit.
+        return part + (self.values[lo:hi] - part.detach())
+
+    def _set_values(self, scale: torch.Tensor, values_key: tuple) -> None:
+        tiny = torch.finfo(scale.dtype).tiny ** 0.5       # |y * s| stays a normal number
+        self.values = scale
+        self.invertible = bool((torch.isfinite(scale) & (scale.abs() >= tiny)).all())
+        self.values_key = values_key
+
+    def __getstate__(self):
+        # copy.deepcopy / pickle: never carry computed tensors; root is rebound by the memo.
+        state = self.__dict__.copy()
+        state.update(chunks=None, key=None, values=None, invertible=None, values_key=None)
+        return state
+
+
+class _ScaleOutput(torch.autograd.Function):
+    """y' = y * scale over the last dimension, in the promoted dtype, cast back to y's dtype.
+
+    The same values and gradients as autograd's ``(y.to(dt) * scale.to(dt)).to(y.dtype)``, with
+    less activation memory and no new tensor where possible:
+
+    - y already in the working dtype and every scale invertible: y is scaled IN PLACE and only
+      y' is saved (often shared with what the next op saves anyway: silu(gate), up * ..., v in
+      attention); backward uses y = y' / scale, i.e. d/dscale = sum(g * y') / scale.
+    - otherwise y' is a new tensor and y is saved in its own dtype (a bf16 y, not its fp32 copy).
+    """
+
+    @staticmethod
+    def forward(ctx, y, scale, inplace):
+        dtype = torch.promote_types(y.dtype, scale.dtype)
+        ctx.inplace, ctx.y_dtype, ctx.s_dtype = inplace, y.dtype, scale.dtype
+        s = scale.to(dtype)
+        if inplace:
+            y.mul_(s)
+            ctx.mark_dirty(y)
+            ctx.save_for_backward(y, s)
+            return y
+        ctx.save_for_backward(y, s)
+        return y * s if y.dtype == dtype else (y.to(dtype) * s).to(y.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, s = ctx.saved_tensors
+        g = grad.to(s.dtype)
+        grad_y = grad_scale = None
+        if ctx.needs_input_grad[0]:
+            grad_y = (g * s).to(ctx.y_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_scale = (g * y.to(s.dtype)).sum(tuple(range(g.dim() - 1)))
+            if ctx.inplace:
+                grad_scale = grad_scale / s
+            grad_scale = grad_scale.to(ctx.s_dtype)
+        return grad_y, grad_scale, None
+
+
+class _ScaleHook:
+    """Forward hook y -> y * scale, scale = this target's slice of the model's (1+delta)**k.
+
+    The scale is fp32 (float64 for a float64 delta), applied in the promoted dtype and cast back
+    (``_ScaleOutput``). An object rather than a closure: ``copy.deepcopy`` (and pickling) of the
+    model then rebinds the shared cache's ``root`` to the copy, so a copied model reads its own
+    delta, not the original's.
+    """
+
+    def __init__(self, cache: _ScaleCache, index: int):
+        self.cache, self.index = cache, index
 
     def __call__(self, module, args, output):
-        scale = scale_from_delta(getattr(self.root, DELTA_NAME)[:, self.lo:self.hi], self.degree)
+        scale, invertible = self.cache.get(self.index)
         dtype = torch.promote_types(output.dtype, scale.dtype)
-        return (output.to(dtype) * scale.to(dtype)).to(output.dtype)
-
-
-def _make_hook(root: nn.Module, slot: Slot, degree: int):
-    return _ScaleHook(root, slot.offset, slot.offset + slot.size, degree)
+        inplace = invertible and output.dtype == dtype and not output._is_view()
+        if torch.is_grad_enabled() and (scale.requires_grad or output.requires_grad):
+            return _ScaleOutput.apply(output, scale, inplace)
+        with torch.no_grad():
+            if inplace:
+                return output.mul_(scale.to(dtype))
+            return (output.to(dtype) * scale.to(dtype)).to(output.dtype)
 
 
 def get_state(model: nn.Module) -> PropulsionState | None:
@@ -128,10 +255,12 @@ def inject(model: nn.Module, config: PropulsionConfig | None = None) -> list[str
     model.register_parameter(DELTA_NAME, delta)
 
     state = PropulsionState(config=config, slots=slots)
+    cache = _ScaleCache(model, [s.size for s in slots], config.degree)
+    state.handles.append(model.register_forward_pre_hook(cache.invalidate))
     modules = dict(targets)
-    for slot in slots:
+    for index, slot in enumerate(slots):
         module = modules[slot.name]
-        state.handles.append(module.register_forward_hook(_make_hook(model, slot, config.degree)))
+        state.handles.append(module.register_forward_hook(_ScaleHook(cache, index)))
         if config.train_bias and getattr(module, "bias", None) is not None:
             module.bias.requires_grad_(True)
     setattr(model, STATE_ATTR, state)
