@@ -90,9 +90,20 @@ def _is_main_rank() -> bool:
 
 
 def _atomic_write(path: Path, write) -> None:
+    """Write to ``<name>.tmp``, fsync, rename over ``path``: readers see the old file or the new
+    one, never a torn one; a failed write (disk full) removes the temp file and keeps the old."""
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def save_adapter(model: nn.Module, directory, delta: torch.Tensor | None = None) -> Path:

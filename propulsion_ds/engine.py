@@ -4,8 +4,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import shutil
 import signal
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -23,6 +26,15 @@ log = logging.getLogger(__name__)
 
 EXIT_PREEMPTED = 75           # EX_TEMPFAIL: a checkpoint was written on a signal; resume me
 FINISHED_MARKER = "FINISHED"
+# What a run writes into output_dir: --overwrite (or a fresh start over a run that died before
+# its first checkpoint) removes exactly these, nothing else a user keeps there.
+RUN_OUTPUTS = ("checkpoints", "adapter", "tensorboard", "metrics.jsonl", "config.json", FINISHED_MARKER)
+
+# Test-only fault injection (see docs/reliability.md). Values are 1-based counts of the
+# micro-batches this rank has drawn since the process started: "3,4", "5-8" or "5-" (5 on).
+TEST_NAN_LOSS_ENV = "PROPULSION_TEST_NAN_LOSS"    # the loss becomes NaN
+TEST_NAN_GRAD_ENV = "PROPULSION_TEST_NAN_GRAD"    # the loss stays finite, its gradient is NaN
+TEST_NAN_RANK_ENV = "PROPULSION_TEST_NAN_RANK"    # only on this rank (default: every rank)
 
 
 class TrainingError(RuntimeError):
@@ -37,6 +49,68 @@ class Preempted(Exception):
     """Raised after the preemption checkpoint is written."""
 
 
+class OutputWriteError(RuntimeError):
+    """Rank 0 could not write metrics or TensorBoard events (disk full, permissions)."""
+
+
+def _parse_counts(text: str | None):
+    """"3,4" / "5-8" / "5-" -> a predicate on 1-based counts (test-only env vars)."""
+    if not text:
+        return lambda n: False
+    singles, ranges = set(), []
+    for part in text.split(","):
+        part = part.strip()
+        if "-" in part:
+            lo, hi = part.split("-", 1)
+            ranges.append((int(lo), int(hi) if hi.strip() else None))
+        elif part:
+            singles.add(int(part))
+    return lambda n: n in singles or any(n >= lo and (hi is None or n <= hi) for lo, hi in ranges)
+
+
+class _NanGrad(torch.autograd.Function):
+    """Test-only: identity forward, NaN gradient backward (a finite loss with a poisoned gradient)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+class _UpdateGuard:
+    """Lets the trainer veto one optimizer update (and its LR-schedule step) on every rank alike."""
+
+    def __init__(self):
+        self.skip = False
+
+
+def _guarded_adamw(params, guard: _UpdateGuard, **kw):
+    # A plain AdamW (ZeRO accepts only known optimizer types) whose step the guard can veto.
+    # The wrapper sits on the instance; state_dict() holds only param groups and tensors.
+    opt = torch.optim.AdamW(params, **kw)
+    unguarded = opt.step
+
+    def step(self, *args, **kwargs):
+        if guard.skip:
+            return None
+        return unguarded(*args, **kwargs)
+    opt.step = types.MethodType(step, opt)    # bound, as LRScheduler's own step counter expects
+    return opt
+
+
+def _guarded_lambda_lr(optimizer, schedule, guard: _UpdateGuard):
+    # A subclass with the guard in its closure: an instance attribute would land in state_dict().
+    class GuardedLambdaLR(torch.optim.lr_scheduler.LambdaLR):
+        def step(self, *args, **kwargs):
+            if guard.skip:
+                return None
+            return super().step(*args, **kwargs)
+    return GuardedLambdaLR(optimizer, schedule)
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, overwrite: bool = False):
         self.cfg = cfg
@@ -47,15 +121,27 @@ class Trainer:
         self.epoch = 0
         self.batch_in_epoch = 0
         self.tokens_seen = 0
-        self.bad_steps = 0
-        self.skipped_batches = 0
+        self.bad_steps = 0            # non-finite micro-batches / updates since the last applied update
+        self.skipped_batches = 0      # micro-batches dropped for a non-finite loss
+        self.skipped_steps = 0        # optimizer updates discarded for a non-finite gradient
         self.stop_signal = 0
         self.writer = None
         self.history: list[dict] = []
+        self._grad_bad = False
+        self._io_error: BaseException | None = None
+        self._micro_drawn = 0
+        self._guard = _UpdateGuard()
+        self._guard_covers = False
+        nan_rank = os.environ.get(TEST_NAN_RANK_ENV)
+        self._nan_rank = int(nan_rank) if nan_rank else None
+        self._nan_loss_at = _parse_counts(os.environ.get(TEST_NAN_LOSS_ENV))
+        self._nan_grad_at = _parse_counts(os.environ.get(TEST_NAN_GRAD_ENV))
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
         cfg = self.cfg
+        # First: a SIGTERM/SIGUSR1 during the (long) set-up must not kill the process unsaved.
+        self._install_signal_handlers()
         resume_step = self._check_output_dir()
         dist.init_distributed(cfg.distributed.timeout_minutes)
         self.rank, self.world = dist.rank(), dist.world_size()
@@ -84,39 +170,93 @@ class Trainer:
         self.model, self._hf_ds = load_base_model(cfg.model, self.ds_config)
         data.check_vocab(self.tokenizer, vocab_size(self.model))
         self.targets = inject(self.model, cfg.propulsion)
-        self.model.train()
-        self.engine = self._build_engine()
         self.trainable = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
                              for p in trainable_parameters(self.model))
+        if resume_step is not None:
+            # Same model, method settings and world size, files readable with the restricted
+            # unpickler: checked before anything in output_dir is touched.
+            checkpoint.check_resumable(self.ckpt_root, resume_step, self._fingerprint())
+        self.model.train()
+        self.engine = self._build_engine()
+        for p in trainable_parameters(self.model):
+            p.register_hook(self._check_grad)
         self.n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
                             for p in self.model.parameters())
+        # Nothing is written before this point: bad input fails with output_dir untouched.
+        self._prepare_output_dir(resume_step)
+        error = None
         if self.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(self.out / "tensorboard"))
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+                checkpoint._write_text_atomic(self.out / "config.json",
+                                              json.dumps(config_to_dict(cfg), indent=2) + "\n")
+                from torch.utils.tensorboard import SummaryWriter
+                # purge_step hides events a killed run logged after the checkpoint we resume from.
+                self.writer = SummaryWriter(str(self.out / "tensorboard"),
+                                            purge_step=None if resume_step is None else resume_step + 1)
+            except OSError as e:
+                error = e
+        checkpoint.agree(error, f"cannot write to output_dir {self.out}", self.out)
         log.info("Propulsion on %d modules, %d trainable of %d parameters; %d steps",
                  len(self.targets), self.trainable, self.n_params, self.max_steps)
         if resume_step is not None:
             self.load_checkpoint(resume_step)
-        self._install_signal_handlers()
 
     def _check_output_dir(self) -> int | None:
         """Decide resume vs fresh start before anything heavy; refuse to clobber a run."""
         step = checkpoint.latest_step(self.ckpt_root)
         finished = (self.out / FINISHED_MARKER).is_file()
         resume = self.cfg.resume
+        if resume is True and self.overwrite:
+            raise OutputDirError("--resume and --overwrite contradict each other: pass one of them")
+        config = self.out / "config.json"
+        if config.is_file() and not _is_run_config(config):
+            raise OutputDirError(f"output_dir {self.out} holds a config.json that is not a propulsion run "
+                                 f"config (a model directory?): choose another output_dir")
         if resume is True and step is None:
             raise OutputDirError(f"--resume: no complete checkpoint under {self.ckpt_root}")
         if resume in (True, "auto") and step is not None:
             return step
         if self.overwrite:
             return None
-        if finished or step is not None:
-            what = "a finished run" if finished else f"checkpoints up to step {step}"
+        adapter = self.out / "adapter" / "propulsion.safetensors"
+        if finished or step is not None or adapter.is_file():
+            what = ("a finished run" if finished else f"checkpoints up to step {step}" if step is not None
+                    else f"a trained adapter ({adapter})")
             raise OutputDirError(f"output_dir {self.out} already holds {what}: pass --resume to continue "
                                  f"or --overwrite to start again")
         return None
+
+    def _prepare_output_dir(self, resume_step: int | None) -> None:
+        """Rank 0, after every rank has decided resume-or-not: clear or tidy output_dir."""
+        error = None
+        if self.rank == 0:
+            try:
+                for trash in self.out.glob(".*.removing-*"):      # left by a kill mid-clear
+                    shutil.rmtree(trash, ignore_errors=True)
+                if resume_step is None:
+                    # A fresh start: --overwrite, or leftovers of a run that died before its first
+                    # checkpoint. Stale checkpoints must go, or `latest` could point into the old run.
+                    stale = [n for n in RUN_OUTPUTS if (self.out / n).exists()]
+                    if stale:
+                        log.info("output_dir %s: removing the previous run's %s", self.out, ", ".join(stale))
+                    for name in stale:
+                        path = self.out / name
+                        if path.is_dir() and not path.is_symlink():
+                            trash = self.out / f".{name}.removing-{os.getpid()}"
+                            os.replace(path, trash)
+                            shutil.rmtree(trash, ignore_errors=True)
+                        else:
+                            path.unlink()
+                else:
+                    checkpoint.clean_partial(self.ckpt_root)
+                    for tmp in (self.out / "adapter").glob("*.tmp"):
+                        tmp.unlink(missing_ok=True)
+                    if self.max_steps > resume_step:
+                        (self.out / FINISHED_MARKER).unlink(missing_ok=True)
+            except OSError as e:
+                error = e
+        checkpoint.agree(error, f"cannot prepare output_dir {self.out}", self.out)
 
     def _build_engine(self):
         import deepspeed
@@ -125,16 +265,28 @@ class Trainer:
         params = trainable_parameters(self.model)
         optimizer = None
         if "optimizer" not in self.ds_config:
-            optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+            optimizer = _guarded_adamw(params, self._guard, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         schedule = lr_lambda(cfg.train.schedule, cfg.train.warmup_steps, self.max_steps)
         engine, *_ = deepspeed.initialize(
             model=self.model, model_parameters=params, optimizer=optimizer, config=self.ds_config,
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+            lr_scheduler=lambda opt: _guarded_lambda_lr(opt, schedule, self._guard))
+        # Who can discard an update whose gradient is not finite: ZeRO-3 always does so itself
+        # (it skips a step with a non-finite gradient norm); other stages only when the optimizer
+        # is ours (the guard). A DeepSpeed-built optimizer under ZeRO 0-2 cannot be vetoed.
+        stage = self.ds_config.get("zero_optimization", {}).get("stage", 0)
+        self._guard_covers = optimizer is not None or stage == 3
+        self._fp16 = bool(self.ds_config.get("fp16", {}).get("enabled"))
         return engine
 
     def _fingerprint(self) -> dict:
         return {"model": self.cfg.model.name_or_path, "propulsion": self.cfg.propulsion.to_dict(),
                 "trainable": self.trainable, "targets": len(self.targets)}
+
+    def _check_grad(self, grad: torch.Tensor):
+        """Tensor hook on every trainable parameter: note a non-finite local gradient."""
+        if not self._grad_bad and not bool(torch.isfinite(grad).all()):
+            self._grad_bad = True
+        return None
 
     # ---------------------------------------------------------------- signals
     def _install_signal_handlers(self) -> None:
@@ -159,29 +311,86 @@ class Trainer:
     def _device(self, batch: dict) -> dict:
         return {k: v.to(self.engine.device) for k, v in batch.items()}
 
-    def _good_micro_batch(self, batches) -> tuple[float, float, float, float]:
-        """Forward/backward one micro-batch that is finite on every rank; drop and count the rest."""
+    def _test_faults(self, loss: torch.Tensor) -> torch.Tensor:
+        if self._nan_rank is not None and self._nan_rank != self.rank:
+            return loss
+        if self._nan_loss_at(self._micro_drawn):
+            loss = loss * float("nan")
+        if self._nan_grad_at(self._micro_drawn):
+            loss = _NanGrad.apply(loss)
+        return loss
+
+    def _stop_if_diverged(self, what: str) -> None:
+        log.warning("step %d: %s (%d in a row)", self.step + 1, what, self.bad_steps)
+        if self.bad_steps >= self.cfg.train.max_bad_steps:
+            raise TrainingError(
+                f"{self.bad_steps} non-finite losses or gradients in a row, the last: {what} "
+                f"(train.max_bad_steps={self.cfg.train.max_bad_steps}); stopped. Last good "
+                f"checkpoint: {self._last_good()}")
+
+    def _last_good(self) -> str:
+        last = checkpoint.latest_step(self.ckpt_root)
+        return str(self.ckpt_root / f"step_{last}") if last is not None else "none"
+
+    def _good_micro_batch(self, batches, boundary: bool) -> tuple[list[float], bool]:
+        """Forward/backward one micro-batch that is finite on every rank; drop and count the rest.
+
+        Calls engine.step(); at the accumulation boundary returns whether the update was applied
+        (False: a rank saw a non-finite gradient, or DeepSpeed skipped the step itself).
+        """
         while True:
             batch = next(batches)
+            self._micro_drawn += 1
             out = self.engine(**batch)
-            finite, = dist.all_reduce([float(not torch.isfinite(out.loss))])
-            if finite == 0:
-                self.engine.backward(out.loss)
-                self.engine.step()
-                n = float((batch["labels"][:, 1:] != -100).sum())
-                return (out.loss.item() * n, n, float(batch["attention_mask"].sum()),
-                        float(batch["input_ids"].shape[0]))
+            loss = self._test_faults(out.loss)
+            bad, = dist.all_reduce([float(not torch.isfinite(loss.detach()))])
+            if bad == 0:
+                break
             # A non-finite loss would poison the vectors through Adam: skip it on all ranks alike.
             self.bad_steps += 1
             self.skipped_batches += 1
-            log.warning("step %d: non-finite loss, micro-batch skipped (%d in a row)",
-                        self.step + 1, self.bad_steps)
-            if self.bad_steps >= self.cfg.train.max_bad_steps:
-                last = checkpoint.latest_step(self.ckpt_root)
+            self._stop_if_diverged("non-finite loss, micro-batch dropped")
+        self.engine.backward(loss)
+        applied = True
+        if boundary:
+            grad_bad, = dist.all_reduce([float(self._grad_bad)])
+            self._grad_bad = False
+            applied = grad_bad == 0
+            self._guard.skip = not applied
+            skipped_before = self.engine.skipped_steps
+        try:
+            self.engine.step()
+        finally:
+            self._guard.skip = False
+        if boundary:
+            ds_skipped = self.engine.skipped_steps != skipped_before
+            if not applied and not self._guard_covers and not ds_skipped:
                 raise TrainingError(
-                    f"{self.bad_steps} consecutive micro-batches with non-finite loss "
-                    f"(train.max_bad_steps={self.cfg.train.max_bad_steps}); stopped. Last good "
-                    f"checkpoint: {self.ckpt_root / f'step_{last}' if last is not None else 'none'}")
+                    "a non-finite gradient reached DeepSpeed's own optimizer, which this ZeRO stage "
+                    "cannot skip; stopped before saving poisoned vectors. Last good checkpoint: "
+                    f"{self._last_good()}")
+            if ds_skipped:
+                applied = False       # DeepSpeed skipped it (ZeRO-3 non-finite norm, fp16 overflow)
+        n = float((batch["labels"][:, 1:] != -100).sum())
+        stats = [float(loss.detach()) * n, n, float(batch["attention_mask"].sum()),
+                 float(batch["input_ids"].shape[0])]
+        return stats, applied
+
+    def _train_step(self, batches) -> list[float]:
+        """Micro-batches until one optimizer update is applied; the applied window's sums."""
+        accum = self.cfg.train.gradient_accumulation_steps
+        while True:
+            sums = [0.0, 0.0, 0.0, 0.0]
+            for i in range(accum):
+                stats, applied = self._good_micro_batch(batches, boundary=i == accum - 1)
+                sums = [a + b for a, b in zip(sums, stats)]
+            if applied:
+                self.bad_steps = 0
+                return sums
+            self.skipped_steps += 1
+            if not self._fp16:      # fp16: DeepSpeed's loss scaler owns overflow skips
+                self.bad_steps += 1
+            self._stop_if_diverged("non-finite gradient, update discarded")
 
     def train(self) -> list[dict]:
         from tqdm.auto import tqdm
@@ -192,69 +401,105 @@ class Trainer:
         bar = tqdm(total=self.max_steps, initial=self.step, disable=self.rank != 0, desc="train",
                    unit="step", dynamic_ncols=True)
         batches = self._micro_batches()
-        while self.step < self.max_steps:
-            start = time.perf_counter()
-            sums = [0.0, 0.0, 0.0, 0.0]
-            for _ in range(cfg.train.gradient_accumulation_steps):
-                sums = [a + b for a, b in zip(sums, self._good_micro_batch(batches))]
-                self.bad_steps = 0
-            mem = [0.0] * self.world
-            mem[self.rank] = float(peak_memory_bytes())
-            reduced = dist.all_reduce(sums + [float(self.stop_signal)] + mem)
-            loss_sum, n_targets, tokens, rows, stop = reduced[:5]
-            self.step += 1
-            self.tokens_seen += int(tokens)
-            record = self._log_step(loss_sum / max(n_targets, 1.0), tokens, rows,
-                                    time.perf_counter() - start, reduced[5:])
-            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-            bar.update(1)
-            if stop:
-                self.save_checkpoint()
-                bar.close()
-                raise Preempted(f"signal {int(stop)} received: checkpoint step_{self.step} written "
-                                f"under {self.ckpt_root}; resume with --resume")
-            if self.step % cfg.eval.every_steps == 0 and self.eval_ds is not None:
-                self.evaluate()
-            if self.step % cfg.checkpoint.every_steps == 0 and self.step < self.max_steps:
-                self.save_checkpoint()
-        bar.close()
+        try:
+            while self.step < self.max_steps:
+                start = time.perf_counter()
+                sums = self._train_step(batches)
+                mem = [0.0] * self.world
+                mem[self.rank] = float(peak_memory_bytes())
+                reduced = dist.all_reduce(sums + [float(self.stop_signal > 0), float(self._io_error is not None)] + mem)
+                loss_sum, n_targets, tokens, rows, stop, io_error = reduced[:6]
+                if io_error:
+                    self._raise_io_error()
+                self.step += 1
+                self.tokens_seen += int(tokens)
+                record = self._log_step(loss_sum / max(n_targets, 1.0), tokens, rows,
+                                        time.perf_counter() - start, reduced[6:])
+                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                bar.update(1)
+                if stop:
+                    self.save_checkpoint()
+                    what = (signal.Signals(self.stop_signal).name if self.stop_signal
+                            else "a stop signal on another rank")
+                    raise Preempted(f"{what} received: checkpoint step_{self.step} written "
+                                    f"under {self.ckpt_root}; resume with --resume")
+                if self.step % cfg.eval.every_steps == 0 and self.eval_ds is not None:
+                    self.evaluate()
+                if self.step % cfg.checkpoint.every_steps == 0 and self.step < self.max_steps:
+                    self.save_checkpoint()
+        finally:
+            bar.close()   # also on errors: the error line must not be glued to the bar
         if self.eval_ds is not None and self.step % cfg.eval.every_steps != 0:
             self.evaluate()
-        self.save_checkpoint()
+        if checkpoint.latest_step(self.ckpt_root) != self.step:
+            self.save_checkpoint()
+        else:                       # resumed at the end: the checkpoint exists, rewrite the adapter
+            self._check_io()
+            self.write_adapter()
+        self._check_io()                # the last TensorBoard flush, too
+        error = None
         if self.rank == 0:
-            (self.out / FINISHED_MARKER).write_text(f"{self.step}\n")
+            try:
+                checkpoint._write_text_atomic(self.out / FINISHED_MARKER, f"{self.step}\n")
+            except OSError as e:
+                error = e
+        checkpoint.agree(error, f"cannot write {self.out / FINISHED_MARKER}", self.out)
         return self.history
+
+    def _raise_io_error(self):
+        e = self._io_error
+        cause = "see rank 0's log" if e is None else " ".join(str(e).split())[:200]
+        raise OutputWriteError(
+            f"rank 0 could not write metrics or TensorBoard events under {self.out} ({cause}); "
+            f"newest checkpoint: {self._last_good()} (resume with --resume)")
+
+    def _rank0_io(self, fn) -> None:
+        """Run a rank-0 write; a failure is carried to every rank by the next step's all-reduce."""
+        if self._io_error is not None:
+            return
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - TensorBoard re-raises its writer thread's errors
+            self._io_error = e
+            log.error("writing under %s failed: %s", self.out, e)
 
     # ---------------------------------------------------------------- logging
     def _record(self, record: dict) -> None:
         self.history.append(record)
         if self.rank == 0:
-            with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            def write():
+                with open(self.out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            self._rank0_io(write)
 
     def _log_step(self, loss, tokens, rows, elapsed, mem_per_rank) -> dict:
         record = {"step": self.step, "loss": loss, "lr": self.engine.get_lr()[0],
                   "grad_norm": _float(self.engine.get_global_grad_norm()),
                   "tokens_per_s": tokens / elapsed, "samples_per_s": rows / elapsed,
-                  "step_time_s": elapsed, "skipped_batches": self.skipped_batches}
+                  "step_time_s": elapsed, "skipped_batches": self.skipped_batches,
+                  "skipped_steps": self.skipped_steps}
         mfu = estimate_mfu(self.n_params, record["tokens_per_s"] / self.world, gpu_peak_flops())
         if mfu is not None:
             record["mfu"] = mfu
         self._record(record)
         if self.writer and self.step % self.cfg.logging.every_steps == 0:
-            w = self.writer
-            w.add_scalar("train/loss", loss, self.step)
-            w.add_scalar("train/lr", record["lr"], self.step)
-            if record["grad_norm"] is not None:
-                w.add_scalar("train/grad_norm", record["grad_norm"], self.step)
-            w.add_scalar("perf/tokens_per_s", record["tokens_per_s"], self.step)
-            w.add_scalar("perf/samples_per_s", record["samples_per_s"], self.step)
-            w.add_scalar("train/skipped_batches", self.skipped_batches, self.step)
-            if mfu is not None:
-                w.add_scalar("perf/mfu", mfu, self.step)
-            for r, m in enumerate(mem_per_rank):
-                w.add_scalar(f"memory/peak_mb_rank{r}", m / 2**20, self.step)
+            self._rank0_io(lambda: self._tb_step(record, mem_per_rank))
         return record
+
+    def _tb_step(self, record: dict, mem_per_rank) -> None:
+        w, step = self.writer, self.step
+        w.add_scalar("train/loss", record["loss"], step)
+        w.add_scalar("train/lr", record["lr"], step)
+        if record["grad_norm"] is not None:
+            w.add_scalar("train/grad_norm", record["grad_norm"], step)
+        w.add_scalar("perf/tokens_per_s", record["tokens_per_s"], step)
+        w.add_scalar("perf/samples_per_s", record["samples_per_s"], step)
+        w.add_scalar("train/skipped_batches", record["skipped_batches"], step)
+        w.add_scalar("train/skipped_steps", record["skipped_steps"], step)
+        if record.get("mfu") is not None:
+            w.add_scalar("perf/mfu", record["mfu"], step)
+        for r, m in enumerate(mem_per_rank):
+            w.add_scalar(f"memory/peak_mb_rank{r}", m / 2**20, step)
 
     def _full_delta(self) -> torch.Tensor:
         """The vectors in fp32: DeepSpeed's master copy where it keeps one (collective)."""
@@ -272,10 +517,13 @@ class Trainer:
         if not self.writer:
             return
         per_layer, values = propulsion_stats(channel_scales(self.model, delta))
-        for name, v in per_layer.items():
-            self.writer.add_scalar(f"propulsion/mean_abs_zk_minus_1/{name}", v, self.step)
-        self.writer.add_histogram("propulsion/zk", values, self.step)
-        self.writer.flush()
+
+        def write():
+            for name, v in per_layer.items():
+                self.writer.add_scalar(f"propulsion/mean_abs_zk_minus_1/{name}", v, self.step)
+            self.writer.add_histogram("propulsion/zk", values, self.step)
+            self.writer.flush()
+        self._rank0_io(write)
 
     # ---------------------------------------------------------------- eval
     @torch.no_grad()
@@ -297,21 +545,42 @@ class Trainer:
         record = {"step": self.step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
         self._record(record)
         if self.writer:
-            self.writer.add_scalar("eval/loss", loss, self.step)
-            self.writer.add_scalar("eval/perplexity", record["eval_ppl"], self.step)
+            self._rank0_io(lambda: (self.writer.add_scalar("eval/loss", loss, self.step),
+                                    self.writer.add_scalar("eval/perplexity", record["eval_ppl"], self.step)))
         log.info("step %d eval loss %.4f ppl %.2f", self.step, loss, record["eval_ppl"])
         self.log_propulsion_stats(self._full_delta())
         return record
 
     # ---------------------------------------------------------------- checkpoints
+    def _check_io(self) -> None:
+        """Collective: a metrics/TensorBoard write that failed on rank 0 stops every rank before a
+        checkpoint is written, so no checkpoint ever lies past a hole in metrics.jsonl."""
+        failed, = dist.all_reduce([float(self._io_error is not None)])
+        if failed:
+            self._raise_io_error()
+
     def save_checkpoint(self) -> None:
+        self._check_io()
         state = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                 "tokens_seen": self.tokens_seen, "skipped_batches": self.skipped_batches}
+                 "tokens_seen": self.tokens_seen, "skipped_batches": self.skipped_batches,
+                 "skipped_steps": self.skipped_steps}
         checkpoint.save(self.engine, self.ckpt_root, self.step, state, self.cfg.checkpoint.keep_last,
                         self._fingerprint())
-        save_adapter(self.model, self.out / "adapter", delta=self._full_delta())
+        self.write_adapter()
+
+    def write_adapter(self) -> None:
+        """Collective; rank 0 writes adapter/ (temp file + rename, so never torn)."""
+        delta = self._full_delta()                      # collective
+        error = None
+        if self.rank == 0:
+            try:
+                save_adapter(self.model, self.out / "adapter", delta=delta)
+            except Exception as e:  # noqa: BLE001 - safetensors reports a full disk in its own type
+                error = e
+        checkpoint.agree(error, f"could not write the adapter under {self.out / 'adapter'}", self.out,
+                         f"; checkpoint step_{self.step} is complete: resume with --resume")
         if self.writer:
-            self.writer.flush()
+            self._rank0_io(self.writer.flush)
 
     def load_checkpoint(self, step: int) -> None:
         checkpoint.check_fingerprint(self.ckpt_root, step, self._fingerprint())
@@ -321,14 +590,28 @@ class Trainer:
         self.batch_in_epoch = state["batch_in_epoch"]
         self.tokens_seen = state.get("tokens_seen", 0)
         self.skipped_batches = state.get("skipped_batches", 0)
+        self.skipped_steps = state.get("skipped_steps", 0)
         if self.rank == 0:
             _truncate_metrics(self.out / "metrics.jsonl", self.step)
+        dist.barrier()
         log.info("resumed from %s at step %d", self.ckpt_root / f"step_{step}", self.step)
 
     def cleanup(self) -> None:
         if self.writer:
-            self.writer.close()
+            try:
+                self.writer.close()
+            except Exception as e:  # noqa: BLE001 - never mask the error that ended the run
+                log.warning("closing TensorBoard writer: %s", e)
             self.writer = None
+
+
+def _is_run_config(path: Path) -> bool:
+    """Whether ``path`` is a config.json this trainer wrote (only those are ever replaced)."""
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(raw, dict) and {"model", "propulsion", "train", "output_dir"} <= set(raw)
 
 
 def _float(x):
@@ -338,14 +621,21 @@ def _float(x):
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records after the resumed step so metrics.jsonl reads as one uninterrupted run."""
+    """Drop records after the resumed step so metrics.jsonl reads as one uninterrupted run.
+
+    A line a kill cut short (no newline, not JSON) is dropped too.
+    """
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    tmp.replace(path)
+    keep = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            keep.append(line)
+    checkpoint._write_text_atomic(path, "".join(line + "\n" for line in keep))
 
 
 def run(cfg: RunConfig, overwrite: bool = False) -> list[dict]:
