@@ -267,16 +267,30 @@ class Trainer:
         if "optimizer" not in self.ds_config:
             optimizer = _guarded_adamw(params, self._guard, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         schedule = lr_lambda(cfg.train.schedule, cfg.train.warmup_steps, self.max_steps)
-        engine, *_ = deepspeed.initialize(
-            model=self.model, model_parameters=params, optimizer=optimizer, config=self.ds_config,
-            lr_scheduler=lambda opt: _guarded_lambda_lr(opt, schedule, self._guard))
+        # ZeRO-0 with bf16/fp16 wraps the optimizer in FP16_UnfusedOptimizer, whose set-up runs
+        # optimizer.step() on zero grads: Adam's step count would start one ahead. Veto it.
+        self._guard.skip = True
+        try:
+            engine, *_ = deepspeed.initialize(
+                model=self.model, model_parameters=params, optimizer=optimizer, config=self.ds_config,
+                lr_scheduler=lambda opt: _guarded_lambda_lr(opt, schedule, self._guard))
+        finally:
+            self._guard.skip = False
         # Who can discard an update whose gradient is not finite: ZeRO-3 always does so itself
         # (it skips a step with a non-finite gradient norm); other stages only when the optimizer
         # is ours (the guard). A DeepSpeed-built optimizer under ZeRO 0-2 cannot be vetoed.
         stage = self.ds_config.get("zero_optimization", {}).get("stage", 0)
         self._guard_covers = optimizer is not None or stage == 3
         self._fp16 = bool(self.ds_config.get("fp16", {}).get("enabled"))
+        # ZeRO-0 in fp32 clips without keeping the norm (get_global_grad_norm() is None): measure
+        # it ourselves at the boundary, where the gradients are already all-reduced.
+        self._own_grad_norm = stage == 0 and not self._fp16 and not self.ds_config.get("bf16", {}).get("enabled")
+        self._grad_norm = None
         return engine
+
+    def _trainable_grad_norm(self) -> float:
+        grads = [p.grad.float().norm() for p in trainable_parameters(self.model) if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
 
     def _fingerprint(self) -> dict:
         return {"model": self.cfg.model.name_or_path, "propulsion": self.cfg.propulsion.to_dict(),
@@ -358,6 +372,8 @@ class Trainer:
             applied = grad_bad == 0
             self._guard.skip = not applied
             skipped_before = self.engine.skipped_steps
+            if self._own_grad_norm:
+                self._grad_norm = self._trainable_grad_norm()
         try:
             self.engine.step()
         finally:
@@ -474,7 +490,8 @@ class Trainer:
 
     def _log_step(self, loss, tokens, rows, elapsed, mem_per_rank) -> dict:
         record = {"step": self.step, "loss": loss, "lr": self.engine.get_lr()[0],
-                  "grad_norm": _float(self.engine.get_global_grad_norm()),
+                  "grad_norm": _float(self.engine.get_global_grad_norm()) if not self._own_grad_norm
+                  else self._grad_norm,
                   "tokens_per_s": tokens / elapsed, "samples_per_s": rows / elapsed,
                   "step_time_s": elapsed, "skipped_batches": self.skipped_batches,
                   "skipped_steps": self.skipped_steps}

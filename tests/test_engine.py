@@ -17,11 +17,10 @@ Tolerances (stated, and asserted):
 - ZeRO-3 vs ZeRO-0 losses, fp32: relative 1e-4 (the same arithmetic up to reduction order;
   measured ~1e-7). The same bound holds for stages 1 and 2.
 - bf16: relative 5e-3 (bf16 rounding of activations and gradients; stages 1, 2, 3 in bf16 are
-  measured within ~1e-3 of the fp32 run and within ~1e-7 of each other). Stage 0 bf16 is off by
-  ~3% because of a DeepSpeed pre-step (BUG_STAGE0_BF16_PRESTEP below): that comparison is an
-  xfail(strict) until the engine works around it; bf16 stage 3 is also checked against bf16
-  stages 1 and 2 (relative 1e-4; measured: identical) and against fp32 stage 0 (5e-3; measured
-  ~1e-3).
+  measured within ~1e-3 of the fp32 run and within ~1e-7 of each other). Stage 0 bf16 once
+  drifted ~3% because DeepSpeed's FP16_UnfusedOptimizer ran an AdamW step at set-up; the engine
+  vetoes that step, and the optimizer-step-count test pins it. bf16 stage 3 is also checked
+  against bf16 stages 1 and 2 (relative 1e-4) and against fp32 stage 0 (5e-3).
 - Gradient checkpointing vs none (ZeRO-3, fp32): relative 1e-5 (recomputation is the same
   arithmetic; measured ~1e-7).
 - Resume vs uninterrupted: absolute 1e-6 (measured: exact).
@@ -53,26 +52,11 @@ RESUME_TOL = 1e-6
 
 TIMINGS: dict = {}
 
-# Bugs found by these tests (strict xfail: when fixed, the XPASS fails and the marker must go).
-BUG_STAGE0_FP32_GRAD_NORM = (
-    "engine.py Trainer._log_step: engine.get_global_grad_norm() returns None at ZeRO stage 0 in fp32 "
-    "(DeepSpeed's clip_fp32_gradients does not keep the norm), so metrics.jsonl logs grad_norm=null "
-    "and TensorBoard gets no train/grad_norm")
-BUG_STAGE0_BF16_PRESTEP = (
-    "ZeRO stage 0 + bf16: DeepSpeed wraps the engine's AdamW in FP16_UnfusedOptimizer, whose "
-    "initialize_optimizer_states() runs optimizer.step() on zero grads at deepspeed.initialize; "
-    "AdamW's step counter is then one ahead (bias correction: first update 0.74*lr) and the loss "
-    "curve drifts ~3% from stages 1-3 (engine.py Trainer._build_engine)")
 
 
-def combo_params(xfail: dict | None = None):
-    """(stage, dtype) params; ``xfail`` maps a run name to the reason of a strict xfail."""
-    out = []
-    for s, d in COMBOS:
-        reason = (xfail or {}).get(run_name(s, d))
-        marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
-        out.append(pytest.param(s, d, id=run_name(s, d), marks=marks))
-    return out
+def combo_params():
+    """(stage, dtype) params named like the probe's runs."""
+    return [pytest.param(s, d, id=run_name(s, d)) for s, d in COMBOS]
 
 
 def common_overrides(train_file: Path) -> list[str]:
@@ -174,7 +158,7 @@ def test_loss_decreases(probe, stage, dtype):
     assert all(r["lr"] == pytest.approx(0.002) for r in train_records(rank0["history"]))
 
 
-@pytest.mark.parametrize("stage,dtype", combo_params({"s0_fp32": BUG_STAGE0_FP32_GRAD_NORM}))
+@pytest.mark.parametrize("stage,dtype", combo_params())
 def test_grad_norm_logged(probe, stage, dtype):
     """Every step logs the global (pre-clip) gradient norm; it is the same in every stage."""
     norms = [r["grad_norm"] for r in train_records(probe[run_name(stage, dtype)][0]["history"])]
@@ -183,8 +167,7 @@ def test_grad_norm_logged(probe, stage, dtype):
     assert norms[0] == pytest.approx(ref[0], rel=1e-4)     # step 1: same weights, same batch
 
 
-@pytest.mark.parametrize("dtype", [
-    "fp32", pytest.param("bf16", marks=pytest.mark.xfail(strict=True, reason=BUG_STAGE0_BF16_PRESTEP))])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_zero_stages_match_stage0(probe, dtype):
     """Same seed, same data: stage 1, 2, 3 losses equal stage 0's within STAGE_TOL[dtype]."""
     ref = probe[run_name(0, dtype)][0]
@@ -212,7 +195,7 @@ def test_bf16_zero3_matches_zero1_and_fp32(probe):
     assert d_32 <= STAGE_TOL["bf16"], d_32
 
 
-@pytest.mark.parametrize("stage,dtype", combo_params({"s0_bf16": BUG_STAGE0_BF16_PRESTEP}))
+@pytest.mark.parametrize("stage,dtype", combo_params())
 def test_optimizer_stepped_once_per_training_step(probe, stage, dtype):
     for rep in probe[run_name(stage, dtype)]:
         assert rep["optimizer"]["steps"] == [MAX_STEPS], rep["optimizer"]
