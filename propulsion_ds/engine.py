@@ -30,7 +30,7 @@ FINISHED_MARKER = "FINISHED"
 # its first checkpoint) removes exactly these, nothing else a user keeps there.
 RUN_OUTPUTS = ("checkpoints", "adapter", "tensorboard", "metrics.jsonl", "config.json", FINISHED_MARKER)
 
-# Test-only fault injection (see docs/reliability.md). Values are 1-based counts of the
+# Test-only fault injection (see README.md "Reliability"). Values are 1-based counts of the
 # micro-batches this rank has drawn since the process started: "3,4", "5-8" or "5-" (5 on).
 TEST_NAN_LOSS_ENV = "PROPULSION_TEST_NAN_LOSS"    # the loss becomes NaN
 TEST_NAN_GRAD_ENV = "PROPULSION_TEST_NAN_GRAD"    # the loss stays finite, its gradient is NaN

@@ -6,7 +6,7 @@ with RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT), sends real signals and reads the 
 uninterrupted reference runs are shared (module fixtures); an interrupted-and-resumed run must log
 exactly the reference's losses and learning rates.
 
-Test-only hooks used (docs/reliability.md): PROPULSION_TEST_SLOW_CHECKPOINT (sleep at each phase
+Test-only hooks used (README.md "Reliability"): PROPULSION_TEST_SLOW_CHECKPOINT (sleep at each phase
 of a checkpoint save, so a kill or a disk fill lands inside it), PROPULSION_TEST_NAN_LOSS /
 PROPULSION_TEST_NAN_GRAD / PROPULSION_TEST_NAN_RANK (make a micro-batch's loss or gradient NaN).
 
