@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -17,6 +16,8 @@ from . import checkpoint, data, distributed as dist
 from .adapter import save_adapter
 from .config import RunConfig
 from .config_load import config_to_dict, resolve_deepspeed
+from .guards import (TEST_NAN_GRAD_ENV, TEST_NAN_LOSS_ENV, TEST_NAN_RANK_ENV, NanGrad, UpdateGuard,
+                     guarded_adamw, guarded_lambda_lr, parse_counts)
 from .metrics import estimate_mfu, gpu_peak_flops, peak_memory_bytes, propulsion_stats
 from .model import load_base_model, load_tokenizer, vocab_size
 from .propulsion import DELTA_NAME, channel_scales, inject, trainable_parameters
@@ -29,13 +30,6 @@ FINISHED_MARKER = "FINISHED"
 # What a run writes into output_dir: --overwrite (or a fresh start over a run that died before
 # its first checkpoint) removes exactly these, nothing else a user keeps there.
 RUN_OUTPUTS = ("checkpoints", "adapter", "tensorboard", "metrics.jsonl", "config.json", FINISHED_MARKER)
-
-# Test-only fault injection (see README.md "Reliability"). Values are 1-based counts of the
-# micro-batches this rank has drawn since the process started: "3,4", "5-8" or "5-" (5 on).
-TEST_NAN_LOSS_ENV = "PROPULSION_TEST_NAN_LOSS"    # the loss becomes NaN
-TEST_NAN_GRAD_ENV = "PROPULSION_TEST_NAN_GRAD"    # the loss stays finite, its gradient is NaN
-TEST_NAN_RANK_ENV = "PROPULSION_TEST_NAN_RANK"    # only on this rank (default: every rank)
-
 
 class TrainingError(RuntimeError):
     """The run stopped on purpose (diverged, refused); the message says why and what is kept."""
@@ -51,64 +45,6 @@ class Preempted(Exception):
 
 class OutputWriteError(RuntimeError):
     """Rank 0 could not write metrics or TensorBoard events (disk full, permissions)."""
-
-
-def _parse_counts(text: str | None):
-    """"3,4" / "5-8" / "5-" -> a predicate on 1-based counts (test-only env vars)."""
-    if not text:
-        return lambda n: False
-    singles, ranges = set(), []
-    for part in text.split(","):
-        part = part.strip()
-        if "-" in part:
-            lo, hi = part.split("-", 1)
-            ranges.append((int(lo), int(hi) if hi.strip() else None))
-        elif part:
-            singles.add(int(part))
-    return lambda n: n in singles or any(n >= lo and (hi is None or n <= hi) for lo, hi in ranges)
-
-
-class _NanGrad(torch.autograd.Function):
-    """Test-only: identity forward, NaN gradient backward (a finite loss with a poisoned gradient)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * float("nan")
-
-
-class _UpdateGuard:
-    """Lets the trainer veto one optimizer update (and its LR-schedule step) on every rank alike."""
-
-    def __init__(self):
-        self.skip = False
-
-
-def _guarded_adamw(params, guard: _UpdateGuard, **kw):
-    # A plain AdamW (ZeRO accepts only known optimizer types) whose step the guard can veto.
-    # The wrapper sits on the instance; state_dict() holds only param groups and tensors.
-    opt = torch.optim.AdamW(params, **kw)
-    unguarded = opt.step
-
-    def step(self, *args, **kwargs):
-        if guard.skip:
-            return None
-        return unguarded(*args, **kwargs)
-    opt.step = types.MethodType(step, opt)    # bound, as LRScheduler's own step counter expects
-    return opt
-
-
-def _guarded_lambda_lr(optimizer, schedule, guard: _UpdateGuard):
-    # A subclass with the guard in its closure: an instance attribute would land in state_dict().
-    class GuardedLambdaLR(torch.optim.lr_scheduler.LambdaLR):
-        def step(self, *args, **kwargs):
-            if guard.skip:
-                return None
-            return super().step(*args, **kwargs)
-    return GuardedLambdaLR(optimizer, schedule)
 
 
 class Trainer:
@@ -130,12 +66,12 @@ class Trainer:
         self._grad_bad = False
         self._io_error: BaseException | None = None
         self._micro_drawn = 0
-        self._guard = _UpdateGuard()
+        self._guard = UpdateGuard()
         self._guard_covers = False
         nan_rank = os.environ.get(TEST_NAN_RANK_ENV)
         self._nan_rank = int(nan_rank) if nan_rank else None
-        self._nan_loss_at = _parse_counts(os.environ.get(TEST_NAN_LOSS_ENV))
-        self._nan_grad_at = _parse_counts(os.environ.get(TEST_NAN_GRAD_ENV))
+        self._nan_loss_at = parse_counts(os.environ.get(TEST_NAN_LOSS_ENV))
+        self._nan_grad_at = parse_counts(os.environ.get(TEST_NAN_GRAD_ENV))
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -265,7 +201,7 @@ class Trainer:
         params = trainable_parameters(self.model)
         optimizer = None
         if "optimizer" not in self.ds_config:
-            optimizer = _guarded_adamw(params, self._guard, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+            optimizer = guarded_adamw(params, self._guard, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         schedule = lr_lambda(cfg.train.schedule, cfg.train.warmup_steps, self.max_steps)
         # ZeRO-0 with bf16/fp16 wraps the optimizer in FP16_UnfusedOptimizer, whose set-up runs
         # optimizer.step() on zero grads: Adam's step count would start one ahead. Veto it.
@@ -273,7 +209,7 @@ class Trainer:
         try:
             engine, *_ = deepspeed.initialize(
                 model=self.model, model_parameters=params, optimizer=optimizer, config=self.ds_config,
-                lr_scheduler=lambda opt: _guarded_lambda_lr(opt, schedule, self._guard))
+                lr_scheduler=lambda opt: guarded_lambda_lr(opt, schedule, self._guard))
         finally:
             self._guard.skip = False
         # Who can discard an update whose gradient is not finite: ZeRO-3 always does so itself
@@ -331,7 +267,7 @@ class Trainer:
         if self._nan_loss_at(self._micro_drawn):
             loss = loss * float("nan")
         if self._nan_grad_at(self._micro_drawn):
-            loss = _NanGrad.apply(loss)
+            loss = NanGrad.apply(loss)
         return loss
 
     def _stop_if_diverged(self, what: str) -> None:
