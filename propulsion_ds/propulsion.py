@@ -87,10 +87,12 @@ def _identity(t):
     return t
 
 
+_GRAPH_TASK_ID = getattr(torch._C, "_current_graph_task_id", None)
+
+
 def _in_backward() -> bool:
     """True while autograd runs a backward pass (where activation checkpointing recomputes)."""
-    task = getattr(torch._C, "_current_graph_task_id", None)
-    return task is not None and task() != -1
+    return _GRAPH_TASK_ID is not None and _GRAPH_TASK_ID() != -1
 
 
 class _ScaleCache:
@@ -131,15 +133,16 @@ class _ScaleCache:
     def get(self, index: int) -> tuple[torch.Tensor, bool]:
         """(this target's scale, whether every scale is invertible)."""
         delta = getattr(self.root, DELTA_NAME)
-        values_key = (id(delta), delta._version, delta.data_ptr(), delta.dtype, delta.device)
-        with torch.autograd.graph.saved_tensors_hooks(_identity, _identity):
-            if _in_backward():
+        values_key = (id(delta), delta._version, delta.data_ptr(), delta.dtype)
+        if _in_backward():
+            with torch.autograd.graph.saved_tensors_hooks(_identity, _identity):
                 return self._recomputed(delta, values_key, index), self.invertible
-            key = values_key + (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
-            if self.chunks is None or key != self.key:
+        key = values_key + (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+        if self.chunks is None or key != self.key:
+            with torch.autograd.graph.saved_tensors_hooks(_identity, _identity):
                 scale = scale_from_delta(delta, self.degree)
-                self.chunks, self.key = scale.split(self.sizes, dim=0), key
-                self._set_values(scale.detach(), values_key)
+            self.chunks, self.key = scale.split(self.sizes, dim=0), key
+            self._set_values(scale.detach(), values_key)
         return self.chunks[index], self.invertible
 
     def _recomputed(self, delta: torch.Tensor, values_key: tuple, index: int) -> torch.Tensor:
@@ -182,27 +185,30 @@ class _ScaleOutput(torch.autograd.Function):
     def forward(ctx, y, scale, inplace):
         dtype = torch.promote_types(y.dtype, scale.dtype)
         ctx.inplace, ctx.y_dtype, ctx.s_dtype = inplace, y.dtype, scale.dtype
-        s = scale.to(dtype)
-        if inplace:
-            y.mul_(s)
-            ctx.mark_dirty(y)
-            ctx.save_for_backward(y, s)
-            return y
+        ctx.dims = tuple(range(y.dim() - 1))
+        s = scale if scale.dtype == dtype else scale.to(dtype)
         ctx.save_for_backward(y, s)
+        if inplace:
+            ctx.mark_dirty(y)
+            return y.mul_(s)
         return y * s if y.dtype == dtype else (y.to(dtype) * s).to(y.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         y, s = ctx.saved_tensors
-        g = grad.to(s.dtype)
+        if grad.dtype != s.dtype:
+            grad = grad.to(s.dtype)
         grad_y = grad_scale = None
         if ctx.needs_input_grad[0]:
-            grad_y = (g * s).to(ctx.y_dtype)
+            grad_y = grad * s
+            if ctx.y_dtype != s.dtype:
+                grad_y = grad_y.to(ctx.y_dtype)
         if ctx.needs_input_grad[1]:
-            grad_scale = (g * y.to(s.dtype)).sum(tuple(range(g.dim() - 1)))
+            grad_scale = (grad * (y if y.dtype == s.dtype else y.to(s.dtype))).sum(ctx.dims)
             if ctx.inplace:
-                grad_scale = grad_scale / s
-            grad_scale = grad_scale.to(ctx.s_dtype)
+                grad_scale.div_(s)
+            if ctx.s_dtype != s.dtype:
+                grad_scale = grad_scale.to(ctx.s_dtype)
         return grad_y, grad_scale, None
 
 
@@ -220,13 +226,14 @@ class _ScaleHook:
 
     def __call__(self, module, args, output):
         scale, invertible = self.cache.get(self.index)
-        dtype = torch.promote_types(output.dtype, scale.dtype)
+        same = output.dtype == scale.dtype
+        dtype = scale.dtype if same else torch.promote_types(output.dtype, scale.dtype)
         inplace = invertible and output.dtype == dtype and not output._is_view()
         if torch.is_grad_enabled() and (scale.requires_grad or output.requires_grad):
             return _ScaleOutput.apply(output, scale, inplace)
         with torch.no_grad():
             if inplace:
-                return output.mul_(scale.to(dtype))
+                return output.mul_(scale if same else scale.to(dtype))
             return (output.to(dtype) * scale.to(dtype)).to(output.dtype)
 
 

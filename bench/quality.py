@@ -1,0 +1,370 @@
+"""Adaptation quality: the real stories260K adapted to tinyshakespeare, every method on one budget.
+
+    python bench/quality.py                 # default: 200 steps, LR sweep per method, 3 seeds
+    python bench/quality.py --quick         # smoke test: a few steps, one LR, one seed
+
+Plain PyTorch, one process per run (``--jobs`` runs side by side, one thread each); the data are
+the project's own pipeline (``propulsion_ds.data.build_datasets``: tinyshakespeare packed to
+``--max-length`` tokens, the last 5% of the file's lines held out as the eval set). Every method
+gets the same steps, micro-batch, AdamW (no weight decay), warm-up + cosine schedule and gradient
+clipping; only the learning rate is tuned per method: a small grid on seed 0, extended by one
+step past the edge when the best LR sits on it, picked by final eval loss. The picked LR then
+runs on two more seeds (seed = data order, and LoRA's random init); tables report mean ± std.
+
+Methods:
+- base: the frozen model, no training.
+- propulsion k=1/5/15/55: ``propulsion_ds.inject`` on all decoder linears (y * z**k).
+- propulsion All: k=15 plus the input embedding and lm_head (the paper's "All" variant).
+- multi-propulsion n=4: k=15, four vectors per module averaged (``num_vectors=4``).
+- peft IA3: the same 7 linears, output-scaled (``feedforward_modules=[]``, see common.ia3_config).
+- peft LoRA r=8 (alpha 16) on the same 7 linears.
+- BitFit: LLaMA's linears have no biases; we add a zero-initialised trainable bias to each of the 7
+  decoder linears (the model is unchanged at step 0; same count as propulsion, additive instead
+  of multiplicative) and train only those.
+- norm gains (opt-in, ``--methods ... norms``): the RMSNorm weights only, the other reading of
+  "BitFit" for a bias-free model (a per-channel scale on the normalised input of q/k/v and
+  gate/up, and on the final norm).
+- full fine-tuning: every parameter.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import math
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import common  # noqa: E402
+
+# name: (label, LR grid). Grids are centred on what each parameterisation needs: the scale's
+# step is ~k x lr for propulsion (k acts as a learning-rate multiplier, DESIGN §1).
+METHODS = {
+    "base": ("frozen base (no training)", []),
+    "prop_k1": ("propulsion-ds k=1", [3e-2, 1e-1, 3e-1]),
+    "prop_k5": ("propulsion-ds k=5", [3e-3, 1e-2, 3e-2]),
+    "prop_k15": ("propulsion-ds k=15", [1e-3, 3e-3, 1e-2]),
+    "prop_k55": ("propulsion-ds k=55", [3e-4, 1e-3, 3e-3]),
+    "prop_all": ("propulsion-ds All (k=15, + embedding, lm_head)", [1e-3, 3e-3, 1e-2]),
+    "prop_n4": ("multi-propulsion n=4 (k=15)", [1e-3, 3e-3, 1e-2]),
+    "ia3": ("peft IA3 (7 linears, output-scaled)", [3e-2, 1e-1, 3e-1]),
+    "lora": ("peft LoRA r=8", [3e-3, 1e-2, 3e-2]),
+    "bitfit": ("BitFit (zero-init biases on the 7 linears)", [3e-2, 1e-1, 3e-1]),
+    "norms": ("RMSNorm gains only (opt-in)", [1e-1, 3e-1, 1e0]),
+    "full": ("full fine-tuning", [1e-3, 3e-3, 1e-2]),
+}
+DEFAULT_METHODS = [m for m in METHODS if m != "norms"]
+LR_LADDER = sorted(m * 10.0 ** e for e in range(-7, 2) for m in (1, 3))
+
+
+def _neighbour(lr: float, up: bool) -> float:
+    """The next learning rate on the 1-3-10 ladder above (or below) ``lr``."""
+    if up:
+        return next((x for x in LR_LADDER if x > lr * 1.01), lr * 3)
+    return next((x for x in reversed(LR_LADDER) if x < lr / 1.01), lr / 3)
+
+
+_DATA = {}
+
+
+# ------------------------------------------------------------------------------------ one run
+def _data(max_length: int):
+    if max_length not in _DATA:
+        from propulsion_ds import data
+        tok = common.tokenizer()
+        train, ev = common.shakespeare(tok, max_length)
+        _DATA[max_length] = (train, ev, data.pad_token_id(tok))
+    return _DATA[max_length]
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+    common.quiet()
+
+
+def apply_method(model, method: str):
+    """Apply ``method`` to a fresh base model in place (peft returns a wrapper); return the model."""
+    import torch
+    from torch import nn
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if method.startswith("prop_"):
+        from propulsion_ds import PropulsionConfig, inject
+        cfg = {"prop_k1": dict(degree=1), "prop_k5": dict(degree=5), "prop_k15": dict(degree=15),
+               "prop_k55": dict(degree=55), "prop_all": dict(degree=15, embeddings=True, lm_head=True),
+               "prop_n4": dict(degree=15, num_vectors=4)}[method]
+        inject(model, PropulsionConfig(**cfg))
+    elif method in ("ia3", "lora"):
+        from peft import get_peft_model
+        model = get_peft_model(model, common.ia3_config() if method == "ia3" else common.lora_config(8))
+    elif method == "bitfit":
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in common.LLAMA_LINEARS:
+                assert module.bias is None
+                module.bias = nn.Parameter(torch.zeros(module.out_features))
+    elif method == "norms":
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.requires_grad_(True)
+    elif method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    elif method != "base":
+        raise ValueError(f"unknown method {method!r}")
+    return model
+
+
+def evaluate(model, ev, pad, micro_batch: int, max_batches: int | None) -> float:
+    import torch
+    from propulsion_ds import data
+    plan = data.epoch_batches(ev, micro_batch, 0, 1, 0, 0, shuffle=False)
+    if max_batches:
+        plan = plan[:max_batches]
+    model.eval()
+    loss_sum = n_sum = 0.0
+    with torch.no_grad():
+        for idx in plan:
+            b = data.get_batch(ev, idx, pad)
+            out = model(**b)
+            n = float((b["labels"][:, 1:] != -100).sum())
+            loss_sum += out.loss.item() * n
+            n_sum += n
+    model.train()
+    return loss_sum / n_sum
+
+
+def run_one(method: str, lr: float, seed: int, steps: int, micro_batch: int, max_length: int,
+            eval_every: int, eval_batches: int | None, warmup: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+    from propulsion_ds import data
+    from propulsion_ds.schedule import lr_lambda
+
+    train, ev, pad = _data(max_length)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(str(common.STORIES), dtype=torch.float32)
+    model.config.use_cache = False
+    model = apply_method(model, method)
+    params = [p for p in model.parameters() if p.requires_grad]
+    trainable = sum(p.numel() for p in params)
+    curve = [(0, evaluate(model, ev, pad, micro_batch, eval_batches))]
+    t0 = time.perf_counter()
+    if params and steps:
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda("cosine", warmup, steps))
+        per_epoch = data.batches_per_epoch(len(train), micro_batch, 1)
+        step = 0
+        while step < steps:
+            for idx in data.epoch_batches(train, micro_batch, 0, 1, seed, step // per_epoch):
+                out = model(**data.get_batch(train, idx, pad))
+                out.loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                if not math.isfinite(out.loss.item()):
+                    curve.append((step, float("nan")))
+                    return dict(method=method, lr=lr, seed=seed, trainable=trainable, curve=curve,
+                                eval_loss=float("nan"), s_per_step=(time.perf_counter() - t0) / step)
+                if step % eval_every == 0 and step < steps:
+                    e0 = time.perf_counter()
+                    curve.append((step, evaluate(model, ev, pad, micro_batch, eval_batches)))
+                    t0 += time.perf_counter() - e0           # ms/step counts training only
+                if step >= steps:
+                    break
+        train_s = time.perf_counter() - t0
+        final = evaluate(model, ev, pad, micro_batch, None)
+        curve.append((steps, final if eval_batches is None else evaluate(model, ev, pad, micro_batch, eval_batches)))
+    else:
+        train_s, final = 0.0, evaluate(model, ev, pad, micro_batch, None)
+    return dict(method=method, lr=lr, seed=seed, trainable=trainable, curve=curve, eval_loss=final,
+                s_per_step=train_s / steps if steps and params else None)
+
+
+# ------------------------------------------------------------------------------------ driver
+def _mean_std(xs):
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    if not xs:
+        return float("nan"), float("nan")
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS),
+                    help="default: all but 'norms' (opt-in)")
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--micro-batch", dest="micro_batch", type=int, default=8)
+    ap.add_argument("--max-length", dest="max_length", type=int, default=128)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--eval-every", dest="eval_every", type=int, default=50)
+    ap.add_argument("--eval-batches", dest="eval_batches", type=int, default=8,
+                    help="eval batches for the intermediate curve points (0: all); step 0 and the "
+                         "final eval always use the whole eval set")
+    ap.add_argument("--jobs", type=int, default=2, help="runs side by side (one thread each)")
+    ap.add_argument("--no-extend", action="store_true", help="do not extend a grid whose best LR is on its edge")
+    ap.add_argument("--quick", action="store_true", help="smoke test: few steps, middle LR, one seed, small eval")
+    ap.add_argument("--out-dir", default=str(common.RESULTS))
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.steps = min(args.steps, 6)
+        args.seeds, args.eval_every, args.eval_batches, args.warmup = 1, 3, 2, 1
+        args.no_extend = True
+    if "base" not in args.methods:
+        args.methods = ["base"] + args.methods
+    common.quiet()
+    _data(args.max_length)                         # tokenize once here; workers hit the datasets cache
+
+    ctx = mp.get_context("spawn")
+    pool = cf.ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx, initializer=_init_worker, initargs=(1,))
+    run_kw = dict(steps=args.steps, micro_batch=args.micro_batch, max_length=args.max_length,
+                  eval_every=args.eval_every, eval_batches=args.eval_batches or None, warmup=args.warmup)
+    t_start = time.time()
+    runs: dict = {m: [] for m in args.methods}
+
+    def submit(method, lr, seed):
+        return pool.submit(run_one, method, lr, seed, **run_kw)
+
+    def collect(futures):
+        for f in cf.as_completed(futures):
+            r = f.result()
+            runs[r["method"]].append(r)
+            print(f"  {r['method']:9s} lr={r['lr']:.0e} seed={r['seed']} eval={r['eval_loss']:.4f}", flush=True)
+
+    # 1) LR sweep on seed 0 (base: one evaluation).
+    grids = {m: (METHODS[m][1][1:2] if args.quick else list(METHODS[m][1])) for m in args.methods}
+    collect([submit("base", 0.0, 0)] + [submit(m, lr, 0) for m in args.methods for lr in grids[m]])
+    # 2) one step past the edge where the best LR sits on it.
+    if not args.no_extend:
+        extra = []
+        for m in args.methods:
+            if not grids[m]:
+                continue
+            best = min(runs[m], key=lambda r: _nan_last(r["eval_loss"]))["lr"]
+            g = sorted(grids[m])
+            if best == g[-1]:
+                extra.append((m, _neighbour(g[-1], up=True)))
+            elif best == g[0]:
+                extra.append((m, _neighbour(g[0], up=False)))
+        for m, lr in extra:
+            grids[m].append(lr)
+        collect([submit(m, lr, 0) for m, lr in extra])
+    best_lr = {m: (min(runs[m], key=lambda r: _nan_last(r["eval_loss"]))["lr"] if grids[m] else 0.0)
+               for m in args.methods}
+    # 3) the picked LR on the other seeds.
+    collect([submit(m, best_lr[m], s) for m in args.methods if grids[m] for s in range(1, args.seeds)])
+    pool.shutdown()
+
+    result = summarize(args, runs, grids, best_lr, time.time() - t_start)
+    suffix = "_quick" if args.quick else ""
+    out_dir = Path(args.out_dir)
+    common.write_json(out_dir / f"quality{suffix}.json", result)
+    plot(result, out_dir / f"quality_curves{suffix}.png")
+    print()
+    print(header(result))
+    print()
+    print(table(result))
+    return 0
+
+
+def _nan_last(x):
+    return x if math.isfinite(x) else float("inf")
+
+
+def summarize(args, runs, grids, best_lr, wall_s) -> dict:
+    base_loss = runs["base"][0]["eval_loss"]
+    picked = {m: sorted([r for r in runs[m] if r["lr"] == best_lr[m]], key=lambda r: r["seed"])
+              for m in args.methods}
+    full_by_seed = {r["seed"]: r["eval_loss"] for r in picked.get("full", [])}
+    methods = {}
+    for m in args.methods:
+        rs = picked[m] if m != "base" else runs["base"]
+        losses = [r["eval_loss"] for r in rs]
+        shares = []
+        for r in rs:
+            full = full_by_seed.get(r["seed"])
+            if full is not None and base_loss - full > 0:
+                shares.append((base_loss - r["eval_loss"]) / (base_loss - full))
+        mean, std = _mean_std(losses)
+        smean, sstd = _mean_std(shares)
+        sweep = {f"{r['lr']:.0e}": r["eval_loss"] for r in sorted(runs[m], key=lambda r: r["lr"]) if r["seed"] == 0}
+        steps_curve = sorted({s for r in rs for s, _ in r["curve"]})
+        curve = []
+        for s in steps_curve:
+            vals = [v for r in rs for st, v in r["curve"] if st == s]
+            curve.append([s, *_mean_std(vals)])
+        g = sorted(grids.get(m, []))
+        methods[m] = dict(label=METHODS[m][0], trainable=rs[0]["trainable"], best_lr=best_lr[m] or None,
+                          lr_on_grid_edge=bool(g) and len(g) > 1 and best_lr[m] in (g[0], g[-1]),
+                          eval_loss_mean=mean, eval_loss_std=std, eval_losses=losses,
+                          seeds=[r["seed"] for r in rs], recovered_mean=smean, recovered_std=sstd,
+                          recovered=shares, sweep_seed0=sweep, curve=curve,
+                          s_per_step=_mean_std([r["s_per_step"] for r in rs])[0] if m != "base" else None)
+    return dict(settings=dict(steps=args.steps, micro_batch=args.micro_batch, max_length=args.max_length,
+                              warmup=args.warmup, schedule="cosine", optimizer="AdamW(wd=0), clip 1.0",
+                              seeds=args.seeds, eval_every=args.eval_every, quick=args.quick,
+                              curve_eval_batches=args.eval_batches or None,
+                              eval="last 5% of tinyshakespeare's lines, packed, token-weighted mean loss"),
+                machine=common.machine("cpu", 1, "none") | {"jobs": args.jobs, "threads_per_job": 1},
+                wall_s=wall_s, base_eval_loss=base_loss, methods=methods)
+
+
+def header(result) -> str:
+    s, m = result["settings"], result["machine"]
+    return (f"### stories260K -> tinyshakespeare: {s['steps']} steps x micro-batch {s['micro_batch']} x "
+            f"{s['max_length']} tokens, {s['seeds']} seed(s); CPU, {m['jobs']} runs side by side, "
+            f"1 thread each; {m['date']}, load {m['load_avg_1m']}, {result['wall_s'] / 60:.1f} min")
+
+
+def table(result) -> str:
+    rows = []
+    for name, r in result["methods"].items():
+        lr = "–" if r["best_lr"] is None else f"{r['best_lr']:.0e}" + (" (edge)" if r["lr_on_grid_edge"] else "")
+        rec = "–" if not r["recovered"] else f"{100 * r['recovered_mean']:.1f} ± {100 * r['recovered_std']:.1f} %"
+        sps = "–" if not r["s_per_step"] else f"{1e3 * r['s_per_step']:.0f}"
+        sweep = ", ".join(f"{k}: {v:.3f}" for k, v in r["sweep_seed0"].items()) if name != "base" else "–"
+        rows.append([r["label"], common.fmt_int(r["trainable"]), lr,
+                     f"{r['eval_loss_mean']:.4f} ± {r['eval_loss_std']:.4f}", rec, sps, sweep])
+    return common.markdown_table(["method", "trainable", "LR (picked)", "eval loss (mean ± std)",
+                                  "share of full-FT gain", "ms/step", "LR sweep, seed 0 (eval loss)"], rows)
+
+
+def plot(result, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 5))
+    cmap = plt.get_cmap("tab20")
+    for i, (name, r) in enumerate(result["methods"].items()):
+        if name == "base":
+            ax.axhline(r["eval_loss_mean"], color="k", ls=":", lw=1, label=r["label"])
+            continue
+        xs = [c[0] for c in r["curve"]]
+        ys = [c[1] for c in r["curve"]]
+        sd = [c[2] for c in r["curve"]]
+        ls = "-" if name.startswith("prop") else "--"
+        ax.plot(xs, ys, ls, color=cmap(i), label=f"{r['label']} (lr {r['best_lr']:.0e})", lw=1.3)
+        ax.fill_between(xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)],
+                        color=cmap(i), alpha=0.15)
+    ax.set_xlabel("step")
+    sub = result["settings"].get("curve_eval_batches")
+    ax.set_ylabel("eval loss (held-out tinyshakespeare" + (f", first {sub} batches)" if sub else ")"))
+    s = result["settings"]
+    ax.set_title(f"stories260K -> tinyshakespeare, mean ± std over {s['seeds']} seed(s)", fontsize=10)
+    ax.legend(fontsize=6.5, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,86 @@
+"""Smoke tests of bench/: each script runs end to end in its tiny mode and writes its table, JSON
+and chart. No wall-clock value is ever asserted (the machine is shared; timings are the bench's
+job, not the tests')."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench import speed  # noqa: E402
+
+
+def _run(args, tmp_path, timeout):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, *args, "--out-dir", str(tmp_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_speed_quick_writes_table_json_and_chart(tmp_path):
+    rows = ["bare", "floor", "propulsion", "lora"]
+    out = _run(["bench/speed.py", "--model", "stories260K", "--quick", "--steps", "2", "--rows", *rows],
+               tmp_path, timeout=900)
+    assert "| row | trainable | optimizer state / rank |" in out
+    result = json.loads((tmp_path / "speed_stories260K_quick.json").read_text())
+    assert (tmp_path / "speed_stories260K_quick.png").stat().st_size > 0
+    assert set(result["rows"]) == set(rows)
+    r = result["rows"]
+    assert r["floor"]["trainable"] == 1
+    assert r["propulsion"]["trainable"] == 3000            # sum of d_out over stories260K's 35 linears
+    assert r["lora"]["trainable"] == 46240
+    for name in rows:
+        assert len(r[name]["step_times_s"]) == 2 and r[name]["median_step_s"] > 0
+        assert r[name]["peak_mem_per_rank"] > 0 and len(r[name]["peak_mem_all_ranks"]) == 2
+    # ZeRO-3 over 2 ranks: fp32 master + Adam m, v for half of the vector each (+ a 4-byte step).
+    assert r["propulsion"]["optimizer_state_bytes_per_rank"] == 12 * 3000 // 2 + 4
+    assert r["bare"]["optimizer_state_bytes_per_rank"] == 0
+    assert r["lora"]["optimizer_state_bytes_per_rank"] > 10 * r["propulsion"]["optimizer_state_bytes_per_rank"]
+    assert set(result["targets"]) >= {"propulsion_le_1.05x_floor", "opt_state_ge_10x_smaller_than_lora",
+                                      "memory_within_2pct_of_floor", "propulsion_below_both_peft"}
+
+
+def test_quality_quick_writes_table_json_and_chart(tmp_path):
+    out = _run(["bench/quality.py", "--quick", "--steps", "3", "--methods", "prop_k1", "ia3", "full"],
+               tmp_path, timeout=600)
+    assert "| method | trainable |" in out
+    result = json.loads((tmp_path / "quality_quick.json").read_text())
+    assert (tmp_path / "quality_curves_quick.png").stat().st_size > 0
+    m = result["methods"]
+    assert set(m) == {"base", "prop_k1", "ia3", "full"}
+    assert m["prop_k1"]["trainable"] == m["ia3"]["trainable"] == 3000
+    assert m["full"]["recovered_mean"] == pytest.approx(1.0)
+    for name in ("prop_k1", "ia3", "full"):
+        assert m[name]["eval_loss_mean"] < m["base"]["eval_loss_mean"]      # 3 steps already help
+    # Propulsion with k=1 and IA3 on the same targets are the same function (z = 1 + delta, init
+    # z = 1) with the same gradient: with the same LR and data they must land on the same loss.
+    assert m["prop_k1"]["eval_loss_mean"] == pytest.approx(m["ia3"]["eval_loss_mean"], rel=1e-4)
+
+
+def test_speed_summary_and_table_from_a_fixed_result():
+    def row(t, trainable, opt):
+        times = [t] * 4
+        return {"trainable": trainable, "optimizer_state_bytes_per_rank": opt, "step_times_s": times,
+                "median_step_s": t, "cpu_times_s": times, "median_cpu_s": t, "tokens_per_step": 1000.0}
+    result = {"model": "m", "settings": {"per_round": 2, "micro_batch": 1, "seq": 8},
+              "machine": {"device": "cpu", "ranks": 2},
+              "rows": {"bare": row(1.0, 0, 0), "floor": row(2.0, 1, 12), "propulsion": row(2.04, 10, 120),
+                       "ia3": row(2.5, 10, 120), "lora": row(3.0, 1000, 12000)}}
+    mem = {k: {"peak_per_rank": [100.0, 101.0], "base_per_rank": [50.0, 50.0], "kind": "peak RSS"}
+           for k in result["rows"]}
+    s = speed.summarize(result, mem)
+    p = s["rows"]["propulsion"]
+    assert p["x_floor"] == pytest.approx(1.02) and p["x_bare"] == pytest.approx(2.04)
+    assert p["x_floor_paired"] == pytest.approx(1.02)
+    assert s["targets"]["propulsion_le_1.05x_floor"] and s["targets"]["propulsion_below_both_peft"]
+    assert s["targets"]["opt_state_ge_10x_smaller_than_lora"] and s["targets"]["memory_within_2pct_of_floor"]
+    text = speed.table(s)
+    assert text.count("\n") == 6 and "propulsion-ds k=15" in text
