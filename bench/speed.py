@@ -59,7 +59,7 @@ ORDER = ["bare", "floor", "propulsion", "prop_slice", "ia3", "lora", "full"]
 MODELS = {
     # micro-batch, sequence length, warm-up steps, rounds x steps per round (>= 20 measured steps)
     "stories260K": dict(micro_batch=8, seq=128, warmup=5, rounds=40, per_round=2),
-    "synth100m": dict(micro_batch=2, seq=128, warmup=2, rounds=10, per_round=2),
+    "synth100m": dict(micro_batch=2, seq=128, warmup=2, rounds=20, per_round=2),
 }
 
 
@@ -464,29 +464,45 @@ def table(result: dict) -> str:
     return common.markdown_table(headers, out)
 
 
+SHORT = {"bare": "bare fwd+bwd\n(no DeepSpeed)", "floor": "engine floor\n(1 scalar)",
+         "propulsion": "propulsion-ds\nk=15", "prop_slice": "propulsion-ds\n(before: slices)",
+         "ia3": "peft IA3", "lora": "peft LoRA\nr=8", "full": "full\nfine-tuning"}
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = [r for r in ORDER if r in result["rows"]]
-    med = [1e3 * result["rows"][r]["median_step_s"] for r in rows]
-    lo = [m - 1e3 * result["rows"][r]["p25_step_s"] for m, r in zip(med, rows)]
-    hi = [1e3 * result["rows"][r]["p75_step_s"] - m for m, r in zip(med, rows)]
-    colors = {"bare": "#999999", "floor": "#555555", "propulsion": "#d62728", "prop_slice": "#ff9896", "ia3": "#1f77b4",
-              "lora": "#2ca02c", "full": "#9467bd"}
-    fig, ax = plt.subplots(figsize=(8, 4))
-    ax.bar(range(len(rows)), med, yerr=[lo, hi], color=[colors[r] for r in rows], capsize=4)
-    if "floor" in result["rows"]:
-        f = 1e3 * result["rows"]["floor"]["median_step_s"]
+    R = result["rows"]
+    med = [1e3 * R[r]["median_step_s"] for r in rows]
+    lo = [m - 1e3 * R[r]["p25_step_s"] for m, r in zip(med, rows)]
+    hi = [1e3 * R[r]["p75_step_s"] - m for m, r in zip(med, rows)]
+    colors = {"bare": "#999999", "floor": "#555555", "propulsion": "#d62728", "prop_slice": "#ff9896",
+              "ia3": "#1f77b4", "lora": "#2ca02c", "full": "#9467bd"}
+    mem = all("peak_mem_per_rank" in R[r] for r in rows)
+    fig, axes = plt.subplots(1, 2 if mem else 1, figsize=(12 if mem else 8, 4.2), squeeze=False)
+    ax = axes[0][0]
+    x = range(len(rows))
+    ax.bar(x, med, yerr=[lo, hi], color=[colors[r] for r in rows], capsize=4)
+    if "floor" in R:
+        f = 1e3 * R["floor"]["median_step_s"]
         ax.axhline(f, color="#555555", ls="--", lw=1, label="engine floor")
         ax.axhline(1.05 * f, color="#d62728", ls=":", lw=1, label="1.05 × floor")
-        ax.legend(loc="upper left")
-    ax.set_xticks(range(len(rows)), [LABELS[r].replace(" (", "\n(") for r in rows], fontsize=7)
+        ax.legend(loc="upper left", fontsize=8)
+    ax.set_xticks(list(x), [SHORT[r] for r in rows], fontsize=7)
     ax.set_ylabel("median step time (ms), bars: p25–p75")
-    m = result["machine"]
-    ax.set_title(f"{result['model']}: ZeRO-3, {m['ranks']} ranks, {m['device']} "
-                 f"(micro-batch {result['settings']['micro_batch']} × {result['settings']['seq']} tokens)",
-                 fontsize=9)
+    m, st = result["machine"], result["settings"]
+    ax.set_title(f"{result['model']}: ZeRO-3, {m['ranks']} ranks, {m['device']}, micro-batch "
+                 f"{st['micro_batch']} × {st['seq']} tokens", fontsize=9)
+    if mem:
+        ax2 = axes[0][1]
+        ax2.bar(x, [R[r]["peak_mem_per_rank"] / 2**20 for r in rows], color=[colors[r] for r in rows])
+        ax2.set_xticks(list(x), [SHORT[r] for r in rows], fontsize=7)
+        ax2.set_ylabel(f"{R[rows[0]].get('memory_kind', 'peak')} per rank (MiB)")
+        ax2.set_title("memory, each row in a fresh process group", fontsize=9)
+        if "floor" in R:
+            ax2.axhline(R["floor"]["peak_mem_per_rank"] / 2**20, color="#555555", ls="--", lw=1)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
