@@ -20,6 +20,7 @@ class ModelConfig:
     dtype: str = "fp32"                      # bf16 | fp16 | fp32
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
+    attn_implementation: str = "sdpa"        # sdpa | eager | flash_attention_2 (where installed)
 
 
 @dataclass
@@ -37,6 +38,8 @@ class DataConfig:
     packing: bool = True
     template: Optional[str] = None           # instruction prompt template; None = Alpaca
     eval_fraction: float = 0.0               # carve eval from train when `eval` is unset
+    cache_dir: Optional[str] = None          # tokenized-data cache; None = <output_dir>/data_cache
+    num_proc: Optional[int] = None           # tokenizer processes for the cache build (None = 1)
 
 
 @dataclass
@@ -58,6 +61,11 @@ class TrainConfig:
 class EvalConfig:
     every_steps: int = 100
     max_batches: int = 50
+    generate: bool = False                   # greedy generation on eval rows, scored by `metric`
+    generate_samples: int = 16
+    max_new_tokens: int = 128
+    metric: str = "marker"                   # marker | exact | none
+    answer_marker: str = "####"              # metric=marker: compare the text after it
 
 
 @dataclass

@@ -38,6 +38,8 @@ CHOICES = {
     "model.dtype": ("bf16", "fp16", "fp32"),
     "data.format": ("text", "instruction", "chat"),
     "train.schedule": ("constant", "linear", "cosine"),
+    "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
+    "eval.metric": ("marker", "exact", "none"),
 }
 
 # (dotted path, operator, bound); Optional fields are checked only when set.
@@ -48,6 +50,7 @@ RANGES = [
     ("train.max_bad_steps", ">=", 1), ("train.seed", ">=", 0), ("train.seed", "<=", 2**32 - 1),
     ("data.max_length", ">=", 8), ("data.eval_fraction", ">=", 0), ("data.eval_fraction", "<", 1),
     ("eval.every_steps", ">=", 1), ("eval.max_batches", ">=", 1),
+    ("eval.generate_samples", ">=", 1), ("eval.max_new_tokens", ">=", 1), ("data.num_proc", ">=", 1),
     ("checkpoint.every_steps", ">=", 1), ("checkpoint.keep_last", ">=", 1),
     ("logging.every_steps", ">=", 1), ("distributed.timeout_minutes", ">", 0),
 ]
