@@ -1,0 +1,228 @@
+"""Export a Propulsion adapter as a peft IA3 adapter (adapter_config.json + adapter_model.safetensors).
+
+Why this is exact: peft's IA3 ``Linear`` for a module NOT listed in ``feedforward_modules``
+computes ``base_layer(x) * ia3_l.flatten()`` (then casts back to the output's dtype), with
+``ia3_l`` of shape ``(out_features, 1)``; Propulsion computes ``y * z**k`` per output channel. So
+``ia3_l = z**k`` in fp32 (``mean_i z_i**k`` when the adapter has several vectors per module) is the
+same function, and peft's ``merge_and_unload`` multiplies the weight rows (and the bias) by it,
+as our merge does.
+
+``feedforward_modules`` is written explicitly as ``[]``: left unset, peft fills it from its own
+table (``down_proj`` for LLaMA), and a feedforward IA3 module scales the module's INPUT instead.
+
+What IA3 cannot express, refused with the setting named: a scaled input embedding
+(``propulsion.embeddings``: peft's IA3 has no Embedding layer) and trained biases
+(``propulsion.train_bias``: IA3 only scales). The export is one-way: z and k cannot be recovered
+from z**k, so training resumes from our own adapter / checkpoint format, never from the export.
+
+The scale is computed by ``propulsion.scale_from_delta`` over the whole flat vector, exactly as
+the training hook does, so the exported values are the ones the hook multiplies by, bit for bit.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .adapter import KEY_SUFFIX, AdapterError, check_compatible, read_adapter_config, read_adapter_weights
+from .propulsion import PropulsionConfig, inject, scale_from_delta
+
+PEFT_CONFIG_FILE = "adapter_config.json"
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."      # what get_peft_model_state_dict puts before a module name
+PEFT_SUFFIX = ".ia3_l"
+
+
+class ExportError(ValueError):
+    """An export that cannot run (bad input, a setting the target format cannot express)."""
+
+
+@dataclass
+class PeftExport:
+    out: Path
+    modules: int
+    fan_in_fan_out: bool
+    base_model_name_or_path: str
+
+
+def meta_model(base, trust_remote_code: bool = False) -> nn.Module:
+    """The model's skeleton on the meta device, from ``base``'s config.json alone (no weights)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        cfg = AutoConfig.from_pretrained(str(base), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ExportError(f"cannot read the base model's config from {str(base)!r} ({first}); "
+                          f"pass --base DIR") from None
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
+
+
+def prepare_out(out: Path, overwrite: bool, *inputs: Path) -> Path:
+    """Check ``out`` may be written; return the temp sibling to write into (renamed by ``commit``)."""
+    for other in inputs:
+        if out.resolve() == other.resolve() or other.resolve() in out.resolve().parents \
+                or out.resolve() in other.resolve().parents:
+            raise ExportError(f"--out {str(out)!r} must not be, contain or lie inside the input {str(other)!r}")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {str(out)!r} exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ExportError(f"--out {str(out)!r} exists and is not empty; choose a new directory or pass --overwrite")
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit(tmp: Path, out: Path) -> None:
+    """Move the finished temp directory into place: ``out`` is never seen half-written."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _refuse_inexpressible(pcfg: PropulsionConfig, weights: dict) -> None:
+    if pcfg.embeddings:
+        raise ExportError("propulsion.embeddings=true: peft IA3 cannot scale an input embedding; "
+                          "use launch/merge.py (or our adapter format) for this adapter")
+    extra = [k for k in weights if not k.endswith(KEY_SUFFIX)]
+    if pcfg.train_bias or extra:
+        what = f" (the adapter holds {extra[0]!r})" if extra else ""
+        raise ExportError(f"propulsion.train_bias=true{what}: peft IA3 only scales, it cannot carry "
+                          f"trained biases; use launch/merge.py (or our adapter format) for this adapter")
+
+
+def ia3_vectors(meta: dict, weights: dict) -> dict:
+    """{module name: fp32 z**k of shape (d_out, 1)} in the adapter's target order.
+
+    The z of every target are laid side by side as the trainer's flat delta (targets in slot
+    order), and ``scale_from_delta`` runs once over the whole of it, as the training hook does.
+    """
+    pcfg = PropulsionConfig(**meta["propulsion"])
+    n = pcfg.num_vectors
+    names, zs = [], []
+    for name, size in meta["targets"].items():
+        key = name + KEY_SUFFIX
+        if key not in weights:
+            raise AdapterError(f"adapter is missing key {key!r}")
+        z = weights[key]
+        want = (size,) if n == 1 else (n, size)
+        if tuple(z.shape) != want:
+            raise AdapterError(f"adapter key {key!r} has shape {tuple(z.shape)}, its config says {want}")
+        names.append(name)
+        zs.append(z.float().reshape(n, size))
+    unexpected = [k for k in weights if k.endswith(KEY_SUFFIX) and k[:-len(KEY_SUFFIX)] not in meta["targets"]]
+    if unexpected:
+        raise AdapterError(f"adapter has unexpected key {unexpected[0]!r}")
+    # z - 1 is exact for z in [0.5, 2] (Sterbenz), and 1 + (z - 1) == z: the hook's arithmetic.
+    scale = scale_from_delta(torch.cat(zs, dim=1) - 1.0, pcfg.degree)
+    parts = scale.split([z.shape[1] for z in zs])
+    return {name: p.reshape(-1, 1).contiguous() for name, p in zip(names, parts)}
+
+
+def peft_config(targets: list, fan_in_fan_out: bool, base_name: str) -> dict:
+    """adapter_config.json for peft's IA3 (the fields peft 0.21's IA3Config.save_pretrained writes)."""
+    return {
+        "peft_type": "IA3",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_name,
+        "revision": None,
+        "auto_mapping": None,
+        "inference_mode": True,
+        "target_modules": list(targets),       # full module names: peft matches them exactly
+        "exclude_modules": None,
+        "feedforward_modules": [],             # explicit: every target scales its OUTPUT
+        "fan_in_fan_out": fan_in_fan_out,      # True for GPT-2 style Conv1D (weight stored (in, out))
+        "modules_to_save": None,
+        "init_ia3_weights": True,
+    }
+
+
+def _module_kinds(model: nn.Module, targets) -> bool:
+    """Check every target is a module peft IA3 scales by output; return fan_in_fan_out."""
+    from .targets import is_conv1d
+
+    modules = dict(model.named_modules())
+    conv1d, linear = [], []
+    for name in targets:
+        m = modules[name]
+        if isinstance(m, nn.Embedding):
+            raise ExportError(f"target {name!r} is an embedding (propulsion.targets): peft IA3 cannot "
+                              f"scale an embedding")
+        if is_conv1d(m):
+            conv1d.append(name)
+        elif isinstance(m, nn.Linear):
+            linear.append(name)
+        else:
+            raise ExportError(f"target {name!r} is a {type(m).__name__}: peft IA3 supports Linear and Conv1D")
+    # peft keeps fan_in_fan_out per module (it corrects the flag for the other kind with a warning),
+    # so a model mixing Conv1D and Linear targets (GPT-2 with lm_head) still loads correctly.
+    return bool(conv1d) and len(conv1d) >= len(linear)
+
+
+def export_peft(adapter, out, *, base=None, base_name: str | None = None, overwrite: bool = False,
+                trust_remote_code: bool = False) -> PeftExport:
+    """Write ``adapter`` (our format) as a peft IA3 adapter directory ``out``.
+
+    ``base``: where the base model's config.json is (default: the base the adapter records);
+    ``base_name``: what adapter_config.json records as ``base_model_name_or_path`` (default:
+    ``base`` if given, else the adapter's recorded base).
+    """
+    from safetensors.torch import save_file
+
+    adapter, out = Path(adapter), Path(out)
+    if not adapter.is_dir():
+        raise ExportError(f"--adapter: directory not found: {str(adapter)!r}")
+    meta = read_adapter_config(adapter)
+    try:
+        pcfg = PropulsionConfig(**meta["propulsion"])
+    except (TypeError, ValueError) as e:
+        raise AdapterError(f"{adapter}: bad 'propulsion' section ({e})") from None
+    weights = read_adapter_weights(adapter)
+    _refuse_inexpressible(pcfg, weights)
+
+    recorded = meta.get("base_model") or ""
+    base = base if base is not None else recorded
+    if not base:
+        raise ExportError(f"{adapter} records no base model: pass --base DIR")
+    model = meta_model(base, trust_remote_code)
+    if meta.get("architecture") != type(model).__name__:
+        raise AdapterError(f"adapter was made for {meta.get('architecture')}, the base model "
+                           f"{base} is {type(model).__name__}")
+    try:
+        inject(model, pcfg)
+    except ValueError as e:
+        raise AdapterError(f"adapter's targets do not fit {base}: {e}") from None
+    check_compatible(model, meta)
+    fan_in_fan_out = _module_kinds(model, meta["targets"])
+
+    vectors = ia3_vectors(meta, weights)
+    name = base_name if base_name is not None else str(base)
+    tmp = prepare_out(out, overwrite, adapter)
+    try:
+        save_file({PEFT_PREFIX + k + PEFT_SUFFIX: v for k, v in vectors.items()},
+                  str(tmp / PEFT_WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / PEFT_CONFIG_FILE).write_text(
+            json.dumps(peft_config(list(vectors), fan_in_fan_out, name), indent=2) + "\n")
+        (tmp / "README.md").write_text(
+            f"peft IA3 adapter exported from the Propulsion adapter {adapter} (degree k={pcfg.degree}, "
+            f"{pcfg.num_vectors} vector(s) per module): ia3_l = z**k"
+            f"{' averaged over the vectors' if pcfg.num_vectors > 1 else ''}.\n"
+            f"One-way: z and k cannot be recovered from z**k; resume training from the Propulsion "
+            f"adapter or checkpoint, not from this directory.\n")
+        commit(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return PeftExport(out=out, modules=len(vectors), fan_in_fan_out=fan_in_fan_out,
+                      base_model_name_or_path=name)
