@@ -65,7 +65,8 @@ def shakespeare(tok, max_length: int, eval_fraction: float = 0.05):
     from propulsion_ds.data import build_datasets
     cfg = DataConfig(train=str(SHAKESPEARE), format="text", max_length=max_length, packing=True,
                      eval_fraction=eval_fraction)
-    return build_datasets(cfg, tok, seed=0)
+    built = build_datasets(cfg, tok, seed=0)
+    return built.train, built.eval
 
 
 def run_config(micro_batch_size: int, max_length: int, dtype: str = "fp32", max_steps: int = 100):

@@ -1,5 +1,7 @@
 """Data pipeline on real files (tinyshakespeare, self-instruct seed tasks) and the real
-stories260K SentencePiece tokenizer: packing, masking, truncation, errors, sharded batches."""
+stories260K SentencePiece tokenizer: masking, truncation, errors, sharded batches, packed text rows.
+Packing's attention isolation and the other formats are in test_packing.py; the cache in
+test_data_cache.py."""
 import copy
 import json
 import logging
@@ -14,7 +16,7 @@ from propulsion_ds.config import DataConfig
 from propulsion_ds.data import (
     ALPACA_TEMPLATE, ALPACA_TEMPLATE_NO_INPUT, IGNORE_INDEX, DataError, batches_per_epoch,
     build_datasets, check_vocab, collate, epoch_batches, get_batch, load_raw, pad_token_id,
-    resolve_files,
+    document_lengths, resolve_files,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,38 +63,37 @@ def test_tokenizer_adds_bos_itself_so_data_adds_it_explicitly_once(tok):
 
 # ------------------------------------------------------------------------------ text
 
-def test_packing_real_shakespeare_exact_blocks_decode_to_source(tok, cache):
+def test_packing_real_shakespeare_whole_documents_decode_to_source(tok, cache):
     L = 128
     cfg = DataConfig(train=SHAKESPEARE, format="text", max_length=L, packing=True)
-    train, ev = build_datasets(cfg, tok, seed=0, cache_dir=cache)
-    assert ev is None and train.column_names == ["input_ids", "labels"]
+    built = build_datasets(cfg, tok, seed=0, cache_dir=cache)
+    train = built.train
+    assert built.eval is None and built.eval_samples is None
+    assert train.column_names == ["input_ids", "labels", "position_ids"]
 
     with open(SHAKESPEARE, encoding="utf-8") as f:
         paras = paragraphs(f.read())
-    expected = []
-    for ids in tok(paras, add_special_tokens=False)["input_ids"]:
-        expected += [tok.bos_token_id] + ids + [tok.eos_token_id]
-    assert len(train) == len(expected) // L > 5000
+    docs = [[tok.bos_token_id] + ids + [tok.eos_token_id] for ids in tok(paras, add_special_tokens=False)["input_ids"]]
+    # every document (or L-piece of a longer one) appears exactly once, contiguous, positions 0..n-1
+    expected = sorted(tuple(d[i:i + L]) for d in docs for i in range(0, len(d), L) if len(d[i:i + L]) >= 2)
     rows = train[:]
-    assert all(len(x) == L for x in rows["input_ids"])
-    assert rows["labels"] == rows["input_ids"]
-    flat = [t for x in rows["input_ids"] for t in x]
-    assert flat == expected[: len(train) * L]
-
-    # the blocks decode back to the source paragraphs (all complete documents in them)
-    docs, cur = [], None
-    for t in flat:
-        if t == tok.bos_token_id:
-            cur = []
-        elif t == tok.eos_token_id:
-            docs.append(cur)
-            cur = None
-        else:
-            cur.append(t)
-    docs = tok.batch_decode(docs)
-    assert len(docs) > 7000
-    assert docs == paras[: len(docs)]
-    assert docs[0] == "First Citizen:\nBefore we proceed any further, hear me speak."
+    got = []
+    for ids, labels, pos in zip(rows["input_ids"], rows["labels"], rows["position_ids"]):
+        assert 2 <= len(ids) <= L and len(labels) == len(pos) == len(ids)
+        start = 0
+        for n in document_lengths(pos):
+            assert pos[start:start + n] == list(range(n))
+            assert labels[start] == IGNORE_INDEX and labels[start + 1:start + n] == ids[start + 1:start + n]
+            got.append(tuple(ids[start:start + n]))
+            start += n
+    assert sorted(got) == expected
+    assert any(len(document_lengths(p)) > 1 for p in rows["position_ids"])  # short paragraphs share rows
+    total = sum(len(d) for d in expected)
+    assert total / (len(train) * L) > 0.97  # best-fit decreasing fills the rows
+    whole = [g for g in got if g[0] == tok.bos_token_id and g[-1] == tok.eos_token_id]
+    assert len(whole) == sum(len(d) <= L for d in docs) > 5000
+    assert sorted(tok.batch_decode([list(g[1:-1]) for g in whole])) == sorted(
+        p for p, d in zip(paras, docs) if len(d) <= L)
 
 
 def test_text_unpacked_one_row_per_document_truncation_counted(tok, cache, tmp_path, caplog):
@@ -100,7 +101,7 @@ def test_text_unpacked_one_row_per_document_truncation_counted(tok, cache, tmp_p
     path = write_jsonl(tmp_path / "docs.jsonl", [{"body": d, "n": i} for i, d in enumerate(docs)])
     cfg = DataConfig(train=path, format="text", text_field="body", max_length=32, packing=False)
     with caplog.at_level(logging.WARNING, logger="propulsion_ds.data"):
-        train, _ = build_datasets(cfg, tok, seed=0, cache_dir=cache)
+        train = build_datasets(cfg, tok, seed=0, cache_dir=cache).train
     assert len(train) == 3
     for d, row in zip(docs, train):
         full = [tok.bos_token_id] + enc(tok, d) + [tok.eos_token_id]
@@ -116,10 +117,11 @@ def test_missing_text_field_names_field_and_file(tok, cache, tmp_path):
         build_datasets(cfg, tok, seed=0, cache_dir=cache)
 
 
-def test_too_few_tokens_to_pack(tok, cache, tmp_path):
-    path = write_jsonl(tmp_path / "tiny.jsonl", [{"text": "hi"}])
-    with pytest.raises(DataError, match=r"tiny\.jsonl: \d+ tokens in all, fewer than max_length=64"):
-        build_datasets(DataConfig(train=path, max_length=64), tok, seed=0, cache_dir=cache)
+def test_short_documents_are_packed_not_dropped(tok, cache, tmp_path):
+    path = write_jsonl(tmp_path / "tiny.jsonl", [{"text": "hi"}, {"text": "yo"}])
+    train = build_datasets(DataConfig(train=path, max_length=64), tok, seed=0, cache_dir=cache).train
+    assert len(train) == 1 and document_lengths(train[0]["position_ids"]) == [len(enc(tok, "hi")) + 2,
+                                                                            len(enc(tok, "yo")) + 2]
 
 
 # ------------------------------------------------------------------------------ instruction
@@ -131,8 +133,8 @@ def test_instruction_masking_alpaca_with_and_without_input(tok, cache, tmp_path)
         {"instruction": "Say hi.", "output": "Hi there!"},  # no input field in this row
     ]
     path = write_jsonl(tmp_path / "inst.jsonl", rows)
-    cfg = DataConfig(train=path, format="instruction", max_length=256)
-    train, _ = build_datasets(cfg, tok, seed=0, cache_dir=cache)
+    cfg = DataConfig(train=path, format="instruction", max_length=256, packing=False)
+    train = build_datasets(cfg, tok, seed=0, cache_dir=cache).train
     assert len(train) == 3
     for r, row in zip(rows, train):
         inp = r.get("input") or ""
@@ -152,8 +154,9 @@ def test_instruction_masking_alpaca_with_and_without_input(tok, cache, tmp_path)
 
 def test_instruction_custom_template(tok, cache, tmp_path):
     path = write_jsonl(tmp_path / "inst.jsonl", [{"instruction": "Greet", "input": "Bob", "output": "Hello Bob."}])
-    cfg = DataConfig(train=path, format="instruction", max_length=64, template="Q: {instruction} ({input})\nA:")
-    train, _ = build_datasets(cfg, tok, seed=0, cache_dir=cache)
+    cfg = DataConfig(train=path, format="instruction", max_length=64, template="Q: {instruction} ({input})\nA:",
+                     packing=False)
+    train = build_datasets(cfg, tok, seed=0, cache_dir=cache).train
     row = train[0]
     targets = [t for t in row["labels"] if t != IGNORE_INDEX]
     assert tok.decode(targets[:-1]) == "Hello Bob."
@@ -170,9 +173,9 @@ def test_shipped_self_instruct_builds(tok, cache, caplog):
     with open(SELF_INSTRUCT) as f:
         lines = [json.loads(x) for x in f]
     assert len(lines) == 175 and all(set(r) == {"instruction", "input", "output"} for r in lines)
-    cfg = DataConfig(train=SELF_INSTRUCT, format="instruction", max_length=256)
+    cfg = DataConfig(train=SELF_INSTRUCT, format="instruction", max_length=256, packing=False)
     with caplog.at_level(logging.WARNING, logger="propulsion_ds.data"):
-        train, _ = build_datasets(cfg, tok, seed=0, cache_dir=cache)
+        train = build_datasets(cfg, tok, seed=0, cache_dir=cache).train
     assert 0 < len(train) <= 175
     for row in train:
         assert 2 <= len(row["input_ids"]) <= 256 and len(row["labels"]) == len(row["input_ids"])
@@ -189,9 +192,9 @@ def test_truncation_and_drop_counts(tok, cache, tmp_path, caplog):
         {"instruction": "Long prompt " * 100, "input": "", "output": "Lost."},
     ]
     path = write_jsonl(tmp_path / "mixed.jsonl", rows)
-    cfg = DataConfig(train=path, format="instruction", max_length=160)
+    cfg = DataConfig(train=path, format="instruction", max_length=160, packing=False)
     with caplog.at_level(logging.WARNING, logger="propulsion_ds.data"):
-        train, _ = build_datasets(cfg, tok, seed=0, cache_dir=cache)
+        train = build_datasets(cfg, tok, seed=0, cache_dir=cache).train
     assert len(train) == 2  # the long prompt leaves no target and is dropped
     assert len(train[1]["input_ids"]) == 160 and train[1]["labels"][-1] != IGNORE_INDEX
     assert "mixed.jsonl: 1 of 3 samples longer than max_length=160, truncated from the right and kept" in caplog.text
@@ -289,8 +292,8 @@ def test_chat_happy_path_only_assistant_turns_are_targets(tok, cache, tmp_path):
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": conv}, {"messages": conv[:2]}, {"messages": opener}])
     chat_tok = copy.deepcopy(tok)
     chat_tok.chat_template = CHAT_TEMPLATE
-    train, _ = build_datasets(DataConfig(train=path, format="chat", max_length=128), chat_tok, seed=0,
-                              cache_dir=cache)
+    train = build_datasets(DataConfig(train=path, format="chat", max_length=128, packing=False), chat_tok,
+                           seed=0, cache_dir=cache).train
     assert len(train) == 3
     opened = [t for t in train[2]["labels"] if t != IGNORE_INDEX]
     assert tok.decode(opened[:-1]).strip() == "Welcome." and opened[-1] == tok.eos_token_id
@@ -335,22 +338,28 @@ def test_check_vocab(tok):
 # ------------------------------------------------------------------------------ eval split
 
 def test_eval_fraction_takes_the_raw_tail(tok, cache):
-    cfg = DataConfig(train=SELF_INSTRUCT, format="instruction", max_length=4096, eval_fraction=0.1)
-    train, ev = build_datasets(cfg, tok, seed=0, cache_dir=cache)
+    cfg = DataConfig(train=SELF_INSTRUCT, format="instruction", max_length=4096, eval_fraction=0.1,
+                     packing=False)
+    built = build_datasets(cfg, tok, seed=0, cache_dir=cache)
+    train, ev = built.train, built.eval
+    assert built.eval_samples[:] == ev[:]  # unpacked: the eval rows are the samples
     assert (len(train), len(ev)) == (157, 18)  # round(175 * 0.1) = 18, no sample is dropped at 4096
     with open(SELF_INSTRUCT) as f:
         lines = [json.loads(x) for x in f]
     for row, src in ((train[0], lines[0]), (train[156], lines[156]), (ev[0], lines[157]), (ev[17], lines[174])):
         targets = [t for t in row["labels"] if t != IGNORE_INDEX]
         assert tok.decode(targets[:-1]) == src["output"]
-    again, ev2 = build_datasets(cfg, tok, seed=123, cache_dir=cache)
+    again = build_datasets(cfg, tok, seed=123, cache_dir=cache)
+    again, ev2 = again.train, again.eval
     assert again[:] == train[:] and ev2[:] == ev[:]
 
 
 def test_eval_from_its_own_files(tok, cache, tmp_path):
     path = write_jsonl(tmp_path / "ev.jsonl", [{"instruction": "a", "output": "b"}] * 4)
-    cfg = DataConfig(train=SELF_INSTRUCT, eval=path, format="instruction", max_length=4096, eval_fraction=0.5)
-    train, ev = build_datasets(cfg, tok, seed=0, cache_dir=cache)
+    cfg = DataConfig(train=SELF_INSTRUCT, eval=path, format="instruction", max_length=4096, eval_fraction=0.5,
+                     packing=False)
+    built = build_datasets(cfg, tok, seed=0, cache_dir=cache)
+    train, ev = built.train, built.eval
     assert len(train) == 175 and len(ev) == 4  # eval set => eval_fraction is not used
 
 
@@ -389,7 +398,8 @@ def test_collate_pads_right_and_masks(tok, cache, tmp_path):
         collate(rows, pad_id=0, max_length=2)
 
     path = write_jsonl(tmp_path / "inst.jsonl", [{"instruction": f"Task {i}.", "output": "ok " * i} for i in range(9)])
-    train, _ = build_datasets(DataConfig(train=path, format="instruction", max_length=160), tok, 0, cache_dir=cache)
+    train = build_datasets(DataConfig(train=path, format="instruction", max_length=160, packing=False), tok, 0,
+                           cache_dir=cache).train
     plan = epoch_batches(train, 4, 1, 2, seed=3, epoch=0)
     batch = get_batch(train, plan[0], pad_token_id(tok))
     lens = [len(train[i]["input_ids"]) for i in plan[0]]

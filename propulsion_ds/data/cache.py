@@ -1,0 +1,183 @@
+"""Tokenize once, not once per rank: a fingerprinted on-disk cache of the built data sets.
+
+``load_or_build`` is called by every rank. The global rank 0 builds the cache first (it is enough
+when ``cache_dir`` is on storage every node shares); after a barrier, the local rank 0 of any node
+that still does not see it builds it on that node's own storage; after a second barrier every rank
+memory-maps the arrow files with ``datasets.load_from_disk``, so N ranks hold one copy in the page
+cache instead of N tokenized copies in their heaps.
+
+The cache directory is ``<cache_dir>/<key>``; the key hashes everything the rows depend on: the
+data files (path, size, content), the tokenizer (its files, vocabulary, special tokens and chat
+template), the data settings (format, max_length, packing, template, text_field, eval settings)
+and ``CACHE_VERSION`` (bump it whenever a change here or in tokenizing/packing changes the rows).
+A build is written to a temporary directory and renamed into place, so a killed build never leaves
+a half-written cache, and a requeued job with the same inputs reuses it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+from typing import Callable, Optional
+
+import datasets
+
+from .build import Built, build_datasets
+from .files import DataError, resolve_files
+from .tokens import Work
+
+logger = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+# settings of DataConfig that change the rows (num_proc and cache_dir do not)
+_SETTINGS = ("format", "max_length", "packing", "template", "text_field", "eval_fraction")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                    "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja",
+                    "chat_template.json")
+_SPLITS = ("train", "eval", "eval_samples")
+
+
+def _hash_file(path: str, h) -> None:
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 23), b""):
+            h.update(chunk)
+
+
+def _files_of(spec) -> list[str]:
+    """Every file a spec's rows come from (a saved datasets directory: every file inside it)."""
+    out = []
+    for f in resolve_files(spec):
+        if os.path.isdir(f):
+            out += sorted(os.path.join(d, n) for d, _, names in os.walk(f) for n in names)
+        else:
+            out.append(f)
+    return out
+
+
+def files_fingerprint(spec) -> list[dict]:
+    """Path, size and content hash (blake2b) of each data file, in the pipeline's order."""
+    out = []
+    for f in _files_of(spec):
+        h = hashlib.blake2b(digest_size=16)
+        _hash_file(f, h)
+        out.append({"path": os.path.abspath(f), "size": os.path.getsize(f), "blake2b": h.hexdigest()})
+    return out
+
+
+def tokenizer_fingerprint(tokenizer) -> dict:
+    """What decides the token ids: the tokenizer's files, vocabulary, special tokens, chat template."""
+    vocab = hashlib.blake2b(json.dumps(sorted(tokenizer.get_vocab().items())).encode(), digest_size=16)
+    files = {}
+    src = getattr(tokenizer, "name_or_path", "") or ""
+    if os.path.isdir(src):
+        for name in _TOKENIZER_FILES:
+            path = os.path.join(src, name)
+            if os.path.isfile(path):
+                h = hashlib.blake2b(digest_size=16)
+                _hash_file(path, h)
+                files[name] = h.hexdigest()
+    return {"class": type(tokenizer).__name__, "len": len(tokenizer), "vocab": vocab.hexdigest(), "files": files,
+            "bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id,
+            "chat_template": getattr(tokenizer, "chat_template", None)}
+
+
+def fingerprint(cfg, tokenizer) -> dict:
+    """The full description the cache key hashes (also written to the cache's meta.json)."""
+    return {"version": CACHE_VERSION,
+            "settings": {k: getattr(cfg, k) for k in _SETTINGS},
+            "train": files_fingerprint(cfg.train),
+            "eval": files_fingerprint(cfg.eval) if cfg.eval else None,
+            "tokenizer": tokenizer_fingerprint(tokenizer)}
+
+
+def cache_key(fp: dict) -> str:
+    return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _build(cfg, tokenizer, final: str, fp: dict, rank: int) -> None:
+    parent = os.path.dirname(final)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".tmp-{os.path.basename(final)}-{socket.gethostname()}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    t0 = time.time()
+    logger.info("data cache: building %s (rank %d)", final, rank)
+    try:
+        # the maps and the raw loader write arrow files under tmp, so the build need not fit in memory
+        work = Work(num_proc=cfg.num_proc or 1, work_dir=os.path.join(tmp, "work"))
+        os.makedirs(work.work_dir)
+        built = build_datasets(cfg, tokenizer, cache_dir=os.path.join(tmp, "hf"), work=work)
+        for split in _SPLITS:
+            ds = getattr(built, split)
+            if ds is not None:
+                ds.save_to_disk(os.path.join(tmp, split))
+        del built, ds
+        for scratch in ("work", "hf"):
+            shutil.rmtree(os.path.join(tmp, scratch), ignore_errors=True)
+        meta = {"fingerprint": fp, "built_by": {"rank": rank, "host": socket.gethostname(), "pid": os.getpid()},
+                "seconds": round(time.time() - t0, 3)}
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+        try:
+            os.rename(tmp, final)  # atomic: the cache exists whole or not at all
+        except OSError:
+            if not os.path.isdir(final):
+                raise
+            logger.info("data cache: %s appeared meanwhile; keeping it", final)  # another builder won
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("data cache: built %s in %.1f s", final, time.time() - t0)
+
+
+def load_cache(path: str) -> Built:
+    """Memory-map a built cache directory."""
+    parts = {s: datasets.load_from_disk(os.path.join(path, s)) if os.path.isdir(os.path.join(path, s)) else None
+             for s in _SPLITS}
+    return Built(train=parts["train"], eval=parts["eval"], eval_samples=parts["eval_samples"], cache_path=path,
+                 built=False)
+
+
+def load_or_build(cfg, tokenizer, cache_dir: str, *, rank: int = 0, local_rank: int = 0,
+                  barrier: Optional[Callable[[], None]] = None) -> Built:
+    """The run's data sets, tokenized by one process per storage domain and memory-mapped by all.
+
+    Collective: every rank calls it with the same ``cfg``/tokenizer and passes the same
+    ``barrier`` (e.g. ``torch.distributed.barrier``; None for one process), which is called exactly
+    twice on every rank, also when building fails, so no rank is left waiting: the failing rank
+    raises its own error after the barriers, and a rank whose builder failed raises a DataError.
+    The barrier must tolerate a long build (the process group's timeout bounds it).
+    """
+    barrier = barrier or (lambda: None)
+    fp = fingerprint(cfg, tokenizer)
+    path = os.path.join(os.path.abspath(cache_dir), cache_key(fp))
+    built_here = False
+    error: Optional[BaseException] = None
+
+    def attempt():
+        nonlocal built_here, error
+        if error is None and not os.path.isdir(path):
+            try:
+                _build(cfg, tokenizer, path, fp, rank)
+                built_here = True
+            except Exception as e:  # re-raised after the barriers
+                error = e
+
+    if rank == 0:
+        attempt()
+    barrier()
+    if local_rank == 0:
+        attempt()  # node-local storage: this node does not see rank 0's cache
+    barrier()
+    if error is not None:
+        raise error
+    if not os.path.isdir(path):
+        raise DataError(f"data cache {path} was not built: its builder (rank 0 or this node's local rank 0) failed")
+    out = load_cache(path)
+    out.built = built_here
+    if not built_here:
+        logger.info("data cache: using %s", path)
+    return out

@@ -1,0 +1,197 @@
+"""Data files: resolve a ``data.train``/``data.eval`` spec into files and load them as one raw
+``datasets.Dataset`` (local files only). JSONL is checked line by line first, so a malformed line is
+reported as ``file:line`` instead of an arrow traceback; ``.txt`` files give one document per
+blank-line-separated paragraph, in a field named ``text``."""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+from typing import Any, Optional, Sequence, Union
+
+import datasets
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_EXTENSIONS = (".jsonl", ".json", ".txt", ".parquet")
+_BUILDERS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet"}
+
+Spec = Union[str, Sequence[str]]
+
+
+class DataError(ValueError):
+    """Bad training data; the message is one line naming the file (and line for JSONL)."""
+
+
+def _is_saved_dataset(path: str) -> bool:
+    return os.path.isdir(path) and (
+        os.path.isfile(os.path.join(path, "state.json"))
+        or os.path.isfile(os.path.join(path, "dataset_dict.json"))
+    )
+
+
+def _ext(path: str) -> str:
+    low = path.lower()
+    for ext in SUPPORTED_EXTENSIONS:
+        if low.endswith(ext):
+            return ext
+    return os.path.splitext(low)[1]
+
+
+def _as_list(spec: Spec) -> list[str]:
+    if isinstance(spec, str):
+        items = [spec]
+    elif isinstance(spec, (list, tuple)) and all(isinstance(s, str) for s in spec):
+        items = list(spec)
+    else:
+        raise DataError(f"data spec must be a path string or a list of them, got {spec!r}")
+    if not items or any(not s.strip() for s in items):
+        raise DataError(f"data spec {spec!r} is empty; set data.train to a file, glob or directory")
+    return items
+
+
+def describe(spec: Spec) -> str:
+    """A short human name for a spec, used in error messages."""
+    items = [spec] if isinstance(spec, str) else list(spec)
+    return items[0] if len(items) == 1 else f"{items[0]} (+{len(items) - 1} more)"
+
+
+def resolve_files(spec: Spec) -> list[str]:
+    """Expand a spec (a path or list of paths: files, globs, directories) into data files.
+
+    A directory written by ``Dataset.save_to_disk`` resolves to ``[that directory]`` and must be
+    the only entry. Any other directory contributes the supported files under it (recursively,
+    hidden files skipped). The result is de-duplicated and, per entry, sorted, so it is the same
+    on every rank and every run.
+    """
+    out: list[str] = []
+    for item in _as_list(spec):
+        if _is_saved_dataset(item):
+            if len(_as_list(spec)) != 1:
+                raise DataError(f"{item}: a saved datasets directory must be the only entry in the data spec")
+            return [item]
+        if os.path.isdir(item):
+            found = sorted(
+                p for p in glob.glob(os.path.join(item, "**", "*"), recursive=True)
+                if os.path.isfile(p) and _ext(p) in SUPPORTED_EXTENSIONS
+                and not any(part.startswith(".") for part in os.path.relpath(p, item).split(os.sep))
+            )
+            if not found:
+                raise DataError(f"{item}: directory holds no data files ({', '.join(SUPPORTED_EXTENSIONS)})")
+            out.extend(found)
+        elif glob.has_magic(item):
+            found = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
+            if not found:
+                raise DataError(f"{item}: glob matches no files")
+            out.extend(found)
+        elif os.path.isfile(item):
+            out.append(item)
+        else:
+            raise DataError(f"{item}: no such file or directory")
+    files = list(dict.fromkeys(out))
+    for f in files:
+        if _ext(f) not in SUPPORTED_EXTENSIONS:
+            raise DataError(f"{f}: unsupported file type (use {', '.join(SUPPORTED_EXTENSIONS)})")
+    builders = {_BUILDERS[_ext(f)] for f in files}
+    if len(builders) > 1:
+        raise DataError(f"{describe(spec)}: mixes file types ({', '.join(sorted(builders))}); use one kind per data set")
+    return files
+
+
+def _check_jsonl(path: str) -> bool:
+    """Raise DataError on the first malformed line; return whether the file has any row."""
+    rows = 0
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            rows += 1
+    return rows > 0
+
+
+def _check_json(path: str) -> bool:
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if not text.strip():
+        return False
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as e:
+        if text.lstrip().startswith("["):
+            raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        # the json builder also accepts JSON Lines in a .json file
+        return _check_jsonl(path)
+    return True
+
+
+def _has_rows(path: str) -> bool:
+    """Validate a file before loading it; False when it holds no rows at all."""
+    ext = _ext(path)
+    try:
+        if ext == ".jsonl":
+            return _check_jsonl(path)
+        if ext == ".json":
+            return _check_json(path)
+        if ext == ".txt":
+            with open(path, encoding="utf-8") as f:
+                return any(line.strip() for line in f)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    return os.path.getsize(path) > 0
+
+
+def load_raw(spec: Spec, cache_dir: Optional[str] = None) -> datasets.Dataset:
+    """Load a spec into one raw ``datasets.Dataset`` (local files only, never the network).
+
+    ``.jsonl``/``.json`` -> the ``json`` builder, ``.txt`` -> ``text`` (one row per paragraph,
+    field ``text``), ``.parquet`` -> ``parquet``; a saved directory -> ``load_from_disk`` (a
+    ``DatasetDict`` must have a ``train`` split or exactly one split). Files without rows are
+    skipped with a warning; no rows at all is a DataError naming the spec.
+    """
+    files = resolve_files(spec)
+    name = describe(spec)
+    if len(files) == 1 and _is_saved_dataset(files[0]):
+        loaded = datasets.load_from_disk(files[0])
+        if isinstance(loaded, datasets.DatasetDict):
+            if "train" in loaded:
+                loaded = loaded["train"]
+            elif len(loaded) == 1:
+                loaded = next(iter(loaded.values()))
+            else:
+                raise DataError(f"{files[0]}: saved DatasetDict has splits {sorted(loaded)}; expected 'train' or exactly one")
+        if len(loaded) == 0:
+            raise DataError(f"{name}: empty data set (no rows)")
+        return loaded
+
+    nonempty = []
+    for f in files:
+        if _has_rows(f):
+            nonempty.append(f)
+        else:
+            logger.warning("%s: no rows, skipped", f)
+    if not nonempty:
+        raise DataError(f"{name}: empty data set (no rows)")
+    builder = _BUILDERS[_ext(nonempty[0])]
+    kwargs: dict[str, Any] = {"sample_by": "paragraph"} if builder == "text" else {}
+    try:
+        ds = datasets.load_dataset(builder, data_files=nonempty, split="train", cache_dir=cache_dir, **kwargs)
+    except Exception as e:  # arrow/schema errors arrive as many types; report them as one line
+        msg = " ".join(str(e).split())[:300] or type(e).__name__
+        raise DataError(f"{name}: could not load as {builder} ({msg})") from e
+    if len(ds) == 0:
+        raise DataError(f"{name}: empty data set (no rows)")
+    logger.info("loaded %d rows from %d file(s): %s", len(ds), len(nonempty), name)
+    return ds
+
+
+def from_text_files(spec: Spec) -> bool:
+    """Whether a spec names plain-text files (one document per paragraph, field ``text``)."""
+    files = resolve_files(spec)
+    return bool(files) and _ext(files[0]) == ".txt"
