@@ -303,13 +303,19 @@ def check_fingerprint(root, step: int, fingerprint: dict) -> None:
     for key, value in fingerprint.items():
         if key in meta and meta[key] != value:
             raise CheckpointError(
-                f"checkpoint {where} was written with {key}={meta[key]!r}, "
-                f"this run has {key}={value!r}: use a new output_dir or the matching config")
+                f"checkpoint {where} was written with {key}={_short(meta[key])}, "
+                f"this run has {key}={_short(value)}: resume with the checkpoint's value, or start "
+                f"afresh (--overwrite or a new output_dir)")
     if "world_size" in meta and meta["world_size"] != dist.world_size():
         raise CheckpointError(
             f"checkpoint {where} was written by {meta['world_size']} ranks, this run has "
             f"{dist.world_size()}: ZeRO keeps optimizer state and the data position per rank; "
             f"resume with {meta['world_size']} ranks")
+
+
+def _short(value, limit: int = 160) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _safe_globals() -> list:

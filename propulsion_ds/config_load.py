@@ -5,7 +5,10 @@
 the dataclasses. Every problem is a :class:`~propulsion_ds.config.ConfigError` whose message is
 one line naming the field by its dotted path, and every check runs before anything heavy loads:
 types, ranges, choices, contradictions, then files on disk (model directory, data files, the
-DeepSpeed JSON). Paths are taken relative to the current working directory and kept as written.
+DeepSpeed JSON). Relative paths written in a config file (the DeepSpeed JSON, data files, model
+and tokenizer directories, data.cache_dir) resolve against that file's directory, so a config works
+from any working directory; ``--set`` values and ``output_dir`` are relative to the working
+directory. ``model.name_or_path`` may also be a Hugging Face Hub id (``org/name``).
 
 ``resolve_deepspeed(cfg, world_size)`` returns the DeepSpeed config dict with each ``"auto"``
 filled from the run config, as the Hugging Face DeepSpeed integration fills them.
@@ -19,6 +22,7 @@ import glob
 import json
 import math
 import os
+import re
 import typing
 from typing import Any, Iterable, Union
 
@@ -433,13 +437,13 @@ def _isdir(path: str) -> bool:
 
 def _check_files(cfg: RunConfig) -> None:
     model = cfg.model.name_or_path
-    if not _isdir(model):
-        _fail(f"model.name_or_path: directory not found: {model!r} "
-              f"(a local model directory, relative to the working directory)")
-    if not os.path.isfile(os.path.join(model, "config.json")):
+    if not _isdir(model) and not is_hub_id(model):
+        _fail(f"model.name_or_path: directory not found: {model!r} (a local model directory, "
+              f"relative to the config file's directory, or a Hugging Face Hub id org/name)")
+    if _isdir(model) and not os.path.isfile(os.path.join(model, "config.json")):
         _fail(f"model.name_or_path: {model!r} has no config.json, not a transformers model directory")
     tok = cfg.tokenizer.name_or_path
-    if tok is not None and not _isdir(tok):
+    if tok is not None and not _isdir(tok) and not is_hub_id(tok):
         _fail(f"tokenizer.name_or_path: directory not found: {tok!r}")
     expand_data_paths(cfg.data.train, "data.train", cfg.data.format)
     if cfg.data.eval is not None:
@@ -478,12 +482,18 @@ def _check_deepspeed(ds: dict) -> None:
                   f"but deepspeed.zero_optimization.stage is {stage}")
         if device == "nvme" and not off.get("nvme_path"):
             _fail(f"{path}.nvme_path: required when {path}.device is 'nvme'")
-    for key in ("bf16", "bfloat16", "fp16", "optimizer", "scheduler"):
+    for key in ("bf16", "bfloat16", "fp16"):
         if key in ds and not isinstance(ds[key], dict):
             _fail(f"deepspeed.{key}: expected an object, {_got(ds[key])}")
-        params = ds.get(key, {}).get("params") if key in ("optimizer", "scheduler") else None
-        if params is not None and not isinstance(params, dict):
-            _fail(f"deepspeed.{key}.params: expected an object, {_got(params)}")
+    # The trainer builds AdamW and the LR schedule itself (train.lr, weight_decay, warmup_steps,
+    # schedule): that is what lets it veto a non-finite update on every rank and log the LR each
+    # update used. A DeepSpeed section would silently compete with them.
+    if "optimizer" in ds:
+        _fail("deepspeed.optimizer: not supported, the trainer builds AdamW from train.lr and "
+              "train.weight_decay; remove the section")
+    if "scheduler" in ds:
+        _fail("deepspeed.scheduler: not supported, the LR schedule comes from train.schedule and "
+              "train.warmup_steps; remove the section")
 
 
 # --------------------------------------------------------------------------- public API
@@ -520,7 +530,47 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] = (), *,
     raw = _read_json(path, None)
     if not isinstance(raw, dict):
         _fail(f"{os.fspath(path)}: expected a JSON object at the top level, {_got(raw)}")
+    raw = anchor_paths(raw, os.path.dirname(os.path.abspath(os.fspath(path))))
     return config_from_dict(raw, overrides, check_files=check_files)
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _anchor(value: Any, base: str) -> Any:
+    if isinstance(value, str) and value and not os.path.isabs(value):
+        return os.path.normpath(os.path.join(base, value))
+    return value
+
+
+def anchor_paths(raw: dict, base: str) -> dict:
+    """A copy of a raw config with its relative paths resolved against ``base`` (its file's dir).
+
+    ``model.name_or_path`` / ``tokenizer.name_or_path`` stay as written when they look like a Hub
+    id (``org/name``) and no such directory exists under ``base``. ``output_dir`` is not touched.
+    """
+    raw = copy.deepcopy(raw)
+    if isinstance(raw.get("deepspeed"), str):
+        raw["deepspeed"] = _anchor(raw["deepspeed"], base)
+    data = raw.get("data")
+    if isinstance(data, dict):
+        for key in ("train", "eval", "cache_dir"):
+            value = data.get(key)
+            if key in data:
+                data[key] = [_anchor(v, base) for v in value] if isinstance(value, list) else _anchor(value, base)
+    for section in ("model", "tokenizer"):
+        node = raw.get(section)
+        value = node.get("name_or_path") if isinstance(node, dict) else None
+        if isinstance(value, str) and value:
+            anchored = _anchor(value, base)
+            if os.path.isdir(anchored) or not _HUB_ID.match(value):
+                node["name_or_path"] = anchored
+    return raw
+
+
+def is_hub_id(value: str) -> bool:
+    """Whether a model path that is not a local directory reads as a Hugging Face Hub id."""
+    return bool(_HUB_ID.match(value)) and not os.path.isdir(value)
 
 
 def config_to_dict(cfg: RunConfig) -> dict:
@@ -528,9 +578,13 @@ def config_to_dict(cfg: RunConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def _fill(container: dict, key: str, value: Any, path: str, run_field: str | None) -> None:
-    """Fill an "auto"; an explicit value must agree with the run config's (``run_field``)."""
+def _fill(container: dict, key: str, value: Any, path: str, run_field: str | None,
+          missing: bool = False) -> None:
+    """Fill an "auto" (and, with ``missing``, an absent key); an explicit value must agree with
+    the run config's (``run_field``)."""
     if key not in container:
+        if missing:
+            container[key] = value
         return
     current = container[key]
     if current == "auto":
@@ -545,14 +599,18 @@ def _resolve(cfg: RunConfig, ds: dict, world_size: int | None, hidden_size: int 
     _check_deepspeed(ds)
     t = cfg.train
     micro, accum = t.micro_batch_size, t.gradient_accumulation_steps
+    # Absent batch keys are filled like "auto": DeepSpeed would otherwise assert on a minimal
+    # {"zero_optimization": {"stage": 3}} section.
     _fill(ds, "train_micro_batch_size_per_gpu", micro, "deepspeed.train_micro_batch_size_per_gpu",
-          "train.micro_batch_size")
+          "train.micro_batch_size", missing=True)
     _fill(ds, "gradient_accumulation_steps", accum, "deepspeed.gradient_accumulation_steps",
-          "train.gradient_accumulation_steps")
+          "train.gradient_accumulation_steps", missing=True)
     _fill(ds, "train_batch_size", micro * accum * (world_size or 1), "deepspeed.train_batch_size",
           None if world_size is None else
-          f"train.micro_batch_size * train.gradient_accumulation_steps * world_size {world_size}")
-    _fill(ds, "gradient_clipping", t.max_grad_norm, "deepspeed.gradient_clipping", "train.max_grad_norm")
+          f"train.micro_batch_size * train.gradient_accumulation_steps * world_size {world_size}",
+          missing=world_size is not None)
+    _fill(ds, "gradient_clipping", t.max_grad_norm, "deepspeed.gradient_clipping", "train.max_grad_norm",
+          missing=True)
 
     dtype = cfg.model.dtype
     for key, alias in (("bf16", "bfloat16"), ("fp16", None)):
@@ -582,20 +640,6 @@ def _resolve(cfg: RunConfig, ds: dict, world_size: int | None, hidden_size: int 
                 ("stage3_param_persistence_threshold", 10 * h if h else ZERO_DEFAULT_PERSISTENCE)):
             _fill(zero, key, value, f"deepspeed.zero_optimization.{key}", None)
 
-    # Only when the user gave them: the engine otherwise builds AdamW and the LR schedule itself.
-    opt = ds.get("optimizer", {}).get("params")
-    if isinstance(opt, dict):
-        for key, value in (("lr", t.lr), ("weight_decay", t.weight_decay),
-                           ("betas", [0.9, 0.999]), ("eps", 1e-8)):
-            _fill(opt, key, value, f"deepspeed.optimizer.params.{key}", None)
-    sched = ds.get("scheduler", {}).get("params")
-    if isinstance(sched, dict):
-        fills = [("warmup_min_lr", 0), ("warmup_max_lr", t.lr), ("warmup_num_steps", t.warmup_steps)]
-        if total_steps is not None:
-            fills.append(("total_num_steps", total_steps))
-        for key, value in fills:
-            _fill(sched, key, value, f"deepspeed.scheduler.params.{key}", None)
-
     ds.setdefault("steps_per_print", QUIET_STEPS_PER_PRINT)
     _no_auto_left(ds, "deepspeed")
     return ds
@@ -617,12 +661,12 @@ def resolve_deepspeed(cfg: RunConfig, world_size: int, hidden_size: int | None =
     """The DeepSpeed config for this run: loaded (file or inline), deep-copied, autos filled.
 
     Fills as the Hugging Face integration does: micro batch, accumulation, train_batch_size
-    (micro * accum * world_size), gradient_clipping, bf16/fp16.enabled from model.dtype (a
-    missing bf16/fp16 section is added when the dtype needs it), ZeRO bucket sizes from
-    ``hidden_size`` (h*h, 0.9*h*h, 10*h) or fixed defaults, and the params of a user-given
-    optimizer/scheduler (``total_num_steps`` from train.max_steps or ``total_steps``). Explicit
-    values that contradict the run config and any "auto" left over raise ConfigError. Adds a
-    quiet ``steps_per_print``; never adds an optimizer or scheduler.
+    (micro * accum * world_size), gradient_clipping (absent keys too), bf16/fp16.enabled from
+    model.dtype (a missing bf16/fp16 section is added when the dtype needs it), and ZeRO bucket
+    sizes from ``hidden_size`` (h*h, 0.9*h*h, 10*h, as the memory planner assumes) or fixed
+    defaults. Explicit values that contradict the run config, any "auto" left over, and an
+    ``optimizer`` or ``scheduler`` section raise ConfigError. Adds a quiet ``steps_per_print``.
+    ``total_steps`` is accepted for callers that know the run length; nothing needs it now.
     """
     if not _is_int(world_size) or world_size < 1:
         raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")

@@ -15,7 +15,7 @@ import torch
 from . import checkpoint, data, distributed as dist
 from .adapter import save_adapter
 from .config import RunConfig
-from .config_load import config_to_dict, resolve_deepspeed
+from .config_load import config_to_dict, expand_data_paths, resolve_deepspeed
 from .guards import (TEST_NAN_GRAD_ENV, TEST_NAN_LOSS_ENV, TEST_NAN_RANK_ENV, NanGrad, UpdateGuard,
                      guarded_adamw, guarded_lambda_lr, parse_counts)
 from .metrics import estimate_mfu, gpu_peak_flops, peak_memory_bytes, propulsion_stats
@@ -67,7 +67,6 @@ class Trainer:
         self._io_error: BaseException | None = None
         self._micro_drawn = 0
         self._guard = UpdateGuard()
-        self._guard_covers = False
         nan_rank = os.environ.get(TEST_NAN_RANK_ENV)
         self._nan_rank = int(nan_rank) if nan_rank else None
         self._nan_loss_at = parse_counts(os.environ.get(TEST_NAN_LOSS_ENV))
@@ -102,7 +101,10 @@ class Trainer:
         self.steps_per_epoch = self.batches_per_epoch // accum
         self.max_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
 
-        self.ds_config = resolve_deepspeed(cfg, self.world, total_steps=self.max_steps)
+        # "auto" ZeRO buckets follow the model's width (h*h, 0.9*h*h, 10*h), as the memory
+        # planner assumes; without it DeepSpeed's 5e8-element defaults cost ~1 GB per GPU.
+        self.ds_config = resolve_deepspeed(cfg, self.world, _hidden_size(cfg.model),
+                                           total_steps=self.max_steps)
         self.model, self._hf_ds = load_base_model(cfg.model, self.ds_config)
         data.check_vocab(self.tokenizer, vocab_size(self.model))
         self.targets = inject(self.model, cfg.propulsion)
@@ -114,6 +116,7 @@ class Trainer:
             checkpoint.check_resumable(self.ckpt_root, resume_step, self._fingerprint())
         self.model.train()
         self.engine = self._build_engine()
+        self._log_partitioning()
         for p in trainable_parameters(self.model):
             p.register_hook(self._check_grad)
         self.n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
@@ -199,9 +202,9 @@ class Trainer:
 
         cfg = self.cfg
         params = trainable_parameters(self.model)
-        optimizer = None
-        if "optimizer" not in self.ds_config:
-            optimizer = guarded_adamw(params, self._guard, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        # Ours, never DeepSpeed's (config validation refuses an optimizer section): the guard can
+        # then veto a non-finite update on every ZeRO stage.
+        optimizer = guarded_adamw(params, self._guard, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         schedule = lr_lambda(cfg.train.schedule, cfg.train.warmup_steps, self.max_steps)
         # ZeRO-0 with bf16/fp16 wraps the optimizer in FP16_UnfusedOptimizer, whose set-up runs
         # optimizer.step() on zero grads: Adam's step count would start one ahead. Veto it.
@@ -212,25 +215,44 @@ class Trainer:
                 lr_scheduler=lambda opt: guarded_lambda_lr(opt, schedule, self._guard))
         finally:
             self._guard.skip = False
-        # Who can discard an update whose gradient is not finite: ZeRO-3 always does so itself
-        # (it skips a step with a non-finite gradient norm); other stages only when the optimizer
-        # is ours (the guard). A DeepSpeed-built optimizer under ZeRO 0-2 cannot be vetoed.
         stage = self.ds_config.get("zero_optimization", {}).get("stage", 0)
-        self._guard_covers = optimizer is not None or stage == 3
         self._fp16 = bool(self.ds_config.get("fp16", {}).get("enabled"))
         # ZeRO-0 in fp32 clips without keeping the norm (get_global_grad_norm() is None): measure
         # it ourselves at the boundary, where the gradients are already all-reduced.
         self._own_grad_norm = stage == 0 and not self._fp16 and not self.ds_config.get("bf16", {}).get("enabled")
         self._grad_norm = None
+        self._lr = float(cfg.train.lr)
         return engine
+
+    def _log_partitioning(self) -> None:
+        """Say how much of the model ZeRO-3 really partitions: tensors at or under
+        stage3_param_persistence_threshold stay whole on every rank (a tiny model: all of them)."""
+        params = [p for p in self.model.parameters() if hasattr(p, "ds_tensor")]
+        if not params:
+            return
+        split = [p for p in params if p.ds_tensor.numel() < p.ds_numel]
+        log.info("ZeRO-3 partitioning: %d of %d parameter tensors partitioned; this rank holds %d of "
+                 "%d elements", len(split), len(params), sum(p.ds_tensor.numel() for p in params),
+                 sum(p.ds_numel for p in params))
 
     def _trainable_grad_norm(self) -> float:
         grads = [p.grad.float().norm() for p in trainable_parameters(self.model) if p.grad is not None]
         return float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
 
     def _fingerprint(self) -> dict:
-        return {"model": self.cfg.model.name_or_path, "propulsion": self.cfg.propulsion.to_dict(),
-                "trainable": self.trainable, "targets": len(self.targets)}
+        """What a resume must match: the data position and RNG mean nothing under other values.
+
+        Keys are config fields, so a refusal names the field to fix.
+        """
+        c, t, d = self.cfg, self.cfg.train, self.cfg.data
+        return {"model": c.model.name_or_path, "propulsion": c.propulsion.to_dict(),
+                "trainable": self.trainable, "targets": len(self.targets),
+                "train.micro_batch_size": t.micro_batch_size,
+                "train.gradient_accumulation_steps": t.gradient_accumulation_steps,
+                "train.seed": t.seed, "data.train": _data_files(d.train), "data.format": d.format,
+                "data.max_length": d.max_length, "data.packing": d.packing, "data.template": d.template,
+                "data.text_field": d.text_field, "data.eval": None if d.eval is None else _data_files(d.eval),
+                "data.eval_fraction": d.eval_fraction}
 
     def _check_grad(self, grad: torch.Tensor):
         """Tensor hook on every trainable parameter: note a non-finite local gradient."""
@@ -282,60 +304,58 @@ class Trainer:
         last = checkpoint.latest_step(self.ckpt_root)
         return str(self.ckpt_root / f"step_{last}") if last is not None else "none"
 
-    def _good_micro_batch(self, batches, boundary: bool) -> tuple[list[float], bool]:
-        """Forward/backward one micro-batch that is finite on every rank; drop and count the rest.
+    def _forward_loss_sum(self, batch: dict) -> torch.Tensor:
+        """Sum of the per-token losses of one micro-batch (fp32), not their mean."""
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        # use_cache=False: a cache switches off transformers' packed-document isolation.
+        out = self.engine(**inputs, use_cache=False)
+        return token_loss_sum(out.logits, batch["labels"])
 
-        Calls engine.step(); at the accumulation boundary returns whether the update was applied
-        (False: a rank saw a non-finite gradient, or DeepSpeed skipped the step itself).
-        """
-        while True:
-            batch = next(batches)
-            self._micro_drawn += 1
-            out = self.engine(**batch)
-            loss = self._test_faults(out.loss)
-            bad, = dist.all_reduce([float(not torch.isfinite(loss.detach()))])
-            if bad == 0:
-                break
-            # A non-finite loss would poison the vectors through Adam: skip it on all ranks alike.
-            self.bad_steps += 1
-            self.skipped_batches += 1
-            self._stop_if_diverged("non-finite loss, micro-batch dropped")
-        self.engine.backward(loss)
-        applied = True
-        if boundary:
-            grad_bad, = dist.all_reduce([float(self._grad_bad)])
-            self._grad_bad = False
-            applied = grad_bad == 0
-            self._guard.skip = not applied
-            skipped_before = self.engine.skipped_steps
-            if self._own_grad_norm:
-                self._grad_norm = self._trainable_grad_norm()
-        try:
-            self.engine.step()
-        finally:
-            self._guard.skip = False
-        if boundary:
-            ds_skipped = self.engine.skipped_steps != skipped_before
-            if not applied and not self._guard_covers and not ds_skipped:
-                raise TrainingError(
-                    "a non-finite gradient reached DeepSpeed's own optimizer, which this ZeRO stage "
-                    "cannot skip; stopped before saving poisoned vectors. Last good checkpoint: "
-                    f"{self._last_good()}")
-            if ds_skipped:
-                applied = False       # DeepSpeed skipped it (ZeRO-3 non-finite norm, fp16 overflow)
-        n = float((batch["labels"][:, 1:] != -100).sum())
-        stats = [float(loss.detach()) * n, n, float(batch["attention_mask"].sum()),
-                 float(batch["input_ids"].shape[0])]
-        return stats, applied
+    def _window(self, batches) -> tuple[list[dict], float]:
+        """The next accumulation window's micro-batches and its target tokens on all ranks."""
+        window = [next(batches) for _ in range(self.cfg.train.gradient_accumulation_steps)]
+        n, = dist.all_reduce([float(sum(target_tokens(b) for b in window))])
+        return window, n
 
     def _train_step(self, batches) -> list[float]:
-        """Micro-batches until one optimizer update is applied; the applied window's sums."""
-        accum = self.cfg.train.gradient_accumulation_steps
+        """One applied optimizer update; this rank's sums over the window it used.
+
+        Objective (DESIGN §1 "Training arithmetic"): the sum of per-token losses over every
+        micro-batch of the window on every rank, divided by the window's target tokens on all
+        ranks. DeepSpeed divides each backward by the accumulation steps and averages gradients
+        over ranks, so each micro-batch's loss sum is multiplied by world * accum / n_window:
+        any split of the same samples into ranks x micro-batch x accumulation gives one update.
+
+        A micro-batch whose loss is not finite on some rank is dropped on every rank and the next
+        one takes its place; the window's token count is taken again, so the objective stays exact
+        when it is the window's first micro-batch (always, without accumulation). Later in a window
+        the micro-batches already backpropagated keep the count they were scaled with.
+        """
+        accum, world = self.cfg.train.gradient_accumulation_steps, self.world
         while True:
+            window, n_window = self._window(batches)
             sums = [0.0, 0.0, 0.0, 0.0]
             for i in range(accum):
-                stats, applied = self._good_micro_batch(batches, boundary=i == accum - 1)
-                sums = [a + b for a, b in zip(sums, stats)]
+                while True:
+                    self._micro_drawn += 1
+                    loss_sum = self._test_faults(self._forward_loss_sum(window[i]))
+                    bad, = dist.all_reduce([float(not torch.isfinite(loss_sum.detach()))])
+                    if bad == 0:
+                        break
+                    # A non-finite loss would poison the vectors through Adam: drop it on all ranks.
+                    self.bad_steps += 1
+                    self.skipped_batches += 1
+                    self._stop_if_diverged("non-finite loss, micro-batch dropped")
+                    window[i] = next(batches)
+                    n_window, = dist.all_reduce([float(sum(target_tokens(b) for b in window))])
+                self.engine.backward(loss_sum * (world * accum / max(n_window, 1.0)))
+                if i == accum - 1:
+                    applied = self._boundary_step()
+                else:
+                    self.engine.step()
+                b = window[i]
+                sums = [sums[0] + float(loss_sum.detach()), sums[1] + target_tokens(b),
+                        sums[2] + real_tokens(b), sums[3] + float(b["input_ids"].shape[0])]
             if applied:
                 self.bad_steps = 0
                 return sums
@@ -343,6 +363,26 @@ class Trainer:
             if not self._fp16:      # fp16: DeepSpeed's loss scaler owns overflow skips
                 self.bad_steps += 1
             self._stop_if_diverged("non-finite gradient, update discarded")
+
+    def _boundary_step(self) -> bool:
+        """engine.step() at the accumulation boundary; whether the update was applied.
+
+        Not applied: a rank saw a non-finite gradient (our guard vetoes AdamW and the schedule on
+        every rank alike) or DeepSpeed skipped the step itself (fp16 overflow, ZeRO-3 non-finite
+        norm). The LR read here, before the step, is the one this update uses.
+        """
+        grad_bad, = dist.all_reduce([float(self._grad_bad)])
+        self._grad_bad = False
+        self._guard.skip = grad_bad != 0
+        skipped_before = self.engine.skipped_steps
+        if self._own_grad_norm:
+            self._grad_norm = self._trainable_grad_norm()
+        self._lr = float(self.engine.get_lr()[0])
+        try:
+            self.engine.step()
+        finally:
+            self._guard.skip = False
+        return grad_bad == 0 and self.engine.skipped_steps == skipped_before
 
     def train(self) -> list[dict]:
         from tqdm.auto import tqdm
@@ -360,7 +400,7 @@ class Trainer:
                 mem = [0.0] * self.world
                 mem[self.rank] = float(peak_memory_bytes())
                 reduced = dist.all_reduce(sums + [float(self.stop_signal > 0), float(self._io_error is not None)] + mem)
-                loss_sum, n_targets, tokens, rows, stop, io_error = reduced[:6]
+                loss_sum, n_targets, tokens, rows, stop, io_error = reduced[:6]   # sums on all ranks
                 if io_error:
                     self._raise_io_error()
                 self.step += 1
@@ -425,7 +465,7 @@ class Trainer:
             self._rank0_io(write)
 
     def _log_step(self, loss, tokens, rows, elapsed, mem_per_rank) -> dict:
-        record = {"step": self.step, "loss": loss, "lr": self.engine.get_lr()[0],
+        record = {"step": self.step, "loss": loss, "lr": self._lr,
                   "grad_norm": _float(self.engine.get_global_grad_norm()) if not self._own_grad_norm
                   else self._grad_norm,
                   "tokens_per_s": tokens / elapsed, "samples_per_s": rows / elapsed,
@@ -488,10 +528,8 @@ class Trainer:
         loss_sum = n_sum = 0.0
         for idx in plan[: ev.max_batches]:
             batch = self._device(data.get_batch(self.eval_ds, idx, self.pad_id))
-            out = self.engine(**batch)
-            n = float((batch["labels"][:, 1:] != -100).sum())
-            loss_sum += out.loss.float().item() * n
-            n_sum += n
+            loss_sum += float(self._forward_loss_sum(batch))
+            n_sum += target_tokens(batch)
         self.engine.train()
         loss_sum, n_sum = dist.all_reduce([loss_sum, n_sum])
         loss = loss_sum / max(n_sum, 1.0)
@@ -565,6 +603,40 @@ def _is_run_config(path: Path) -> bool:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
     return isinstance(raw, dict) and {"model", "propulsion", "train", "output_dir"} <= set(raw)
+
+
+def _data_files(spec) -> list:
+    """[path, size] of every data file a spec names: a changed file changes the rows."""
+    out = []
+    for f in expand_data_paths(spec):
+        out.append([os.path.abspath(f), os.path.getsize(f) if os.path.isfile(f) else None])
+    return out
+
+
+def _hidden_size(model_cfg) -> int | None:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code)
+    config = getattr(config, "text_config", None) or config
+    h = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+    return int(h) if h else None
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum over target tokens of the next-token cross-entropy, in fp32 (labels aligned with inputs)."""
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum")
+
+
+def target_tokens(batch: dict) -> float:
+    return float((batch["labels"][:, 1:] != -100).sum())
+
+
+def real_tokens(batch: dict) -> float:
+    """Tokens that are not padding (a packed batch has no attention_mask; pads are its row tails)."""
+    if hasattr(data, "real_tokens"):
+        return float(data.real_tokens(batch))
+    return float(batch["attention_mask"].sum())
 
 
 def _float(x):

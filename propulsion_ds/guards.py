@@ -61,10 +61,19 @@ def guarded_adamw(params, guard: UpdateGuard, **kw):
 
 
 def guarded_lambda_lr(optimizer, schedule, guard: UpdateGuard):
-    # A subclass with the guard in its closure: an instance attribute would land in state_dict().
+    """LambdaLR whose step the guard can veto, except its own initial step.
+
+    LambdaLR's constructor calls step() once to set update 0's LR to lr * f(0). The engine builds
+    the scheduler while the guard vetoes DeepSpeed's set-up optimizer step; vetoing that initial
+    step too would leave update 0 at the full base LR and the schedule one step late.
+    """
+    constructed = []   # in the closure: an instance attribute would land in state_dict()
+
     class GuardedLambdaLR(torch.optim.lr_scheduler.LambdaLR):
         def step(self, *args, **kwargs):
-            if guard.skip:
+            if guard.skip and constructed:
                 return None
             return super().step(*args, **kwargs)
-    return GuardedLambdaLR(optimizer, schedule)
+    scheduler = GuardedLambdaLR(optimizer, schedule)
+    constructed.append(True)
+    return scheduler

@@ -16,9 +16,10 @@ from propulsion_ds.config_load import (apply_overrides, config_from_dict, config
                                        expand_data_paths, load_config, resolve_deepspeed)
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL = "assets/stories260K"
-TEXT = "assets/data/tinyshakespeare.txt"
-ZERO3 = "configs/deepspeed/zero3.json"
+# Absolute: paths written in a config file resolve against that file's directory (tmp_path here).
+MODEL = str(REPO / "assets/stories260K")
+TEXT = str(REPO / "assets/data/tinyshakespeare.txt")
+ZERO3 = str(REPO / "configs/deepspeed/zero3.json")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -82,7 +83,7 @@ def test_epochs_list_of_data_and_inline_deepspeed(tmp_path):
     raw = valid_raw()
     del raw["train"]["max_steps"]
     raw["train"]["epochs"] = 2
-    raw["data"]["train"] = [TEXT, "assets/data/*.txt", "assets/data"]
+    raw["data"]["train"] = [TEXT, str(REPO / "assets/data/*.txt"), str(REPO / "assets/data")]
     raw["data"]["eval"] = TEXT
     raw["deepspeed"] = {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto"}
     raw["resume"] = "auto"
@@ -90,7 +91,7 @@ def test_epochs_list_of_data_and_inline_deepspeed(tmp_path):
     assert cfg.train.epochs == 2 and cfg.resume == "auto"
     files = expand_data_paths(cfg.data.train)
     assert files[:2] == [TEXT, TEXT] and TEXT in files[2:]
-    assert all(os.path.dirname(f) == "assets/data" for f in files)
+    assert all(os.path.dirname(f) == str(REPO / "assets/data") for f in files)
 
 
 def test_saved_dataset_directory_is_accepted(tmp_path):
@@ -159,11 +160,12 @@ BAD_CASES = {
     "propulsion validates itself": (_set("propulsion.degree", 0), ["propulsion.degree"]),
     "propulsion bad targets": (_set("propulsion.targets", "everything"), ["propulsion.targets"]),
     "propulsion empty targets": (_set("propulsion.targets", []), ["propulsion.targets"]),
-    "missing model dir": (_set("model.name_or_path", "assets/no-such-model"),
+    # "./": a path, not a Hub id (org/name, which is resolved later through the HF cache)
+    "missing model dir": (_set("model.name_or_path", "./assets/no-such-model"),
                           ["model.name_or_path", "assets/no-such-model"]),
     "model dir without config.json": (_set("model.name_or_path", "assets/data"),
                                       ["model.name_or_path", "config.json"]),
-    "missing tokenizer dir": (_set("tokenizer.name_or_path", "nope/tok"), ["tokenizer.name_or_path"]),
+    "missing tokenizer dir": (_set("tokenizer.name_or_path", "./nope/tok"), ["tokenizer.name_or_path"]),
     "glob matching nothing": (_set("data.train", "assets/data/*.no-such-ext"),
                               ["data.train", "assets/data/*.no-such-ext", "matches no files"]),
     "missing data file": (_set("data.eval", ["assets/data/nope.txt"]),
@@ -323,28 +325,35 @@ def test_resolve_deepspeed_fills_autos_for_two_ranks(tmp_path):
     assert zero["stage3_param_persistence_threshold"] == 640
 
 
-def test_resolve_deepspeed_inline_copy_and_user_optimizer(tmp_path):
+def test_resolve_deepspeed_inline_copy_and_minimal_section(tmp_path):
     raw = valid_raw()
     raw["model"]["dtype"] = "fp16"
-    raw["train"]["warmup_steps"] = 4
-    raw["deepspeed"] = {
-        "train_batch_size": "auto", "steps_per_print": 5,
-        "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto",
-                                                  "betas": "auto", "eps": "auto"}},
-        "scheduler": {"type": "WarmupDecayLR", "params": {
-            "warmup_min_lr": "auto", "warmup_max_lr": "auto", "warmup_num_steps": "auto",
-            "total_num_steps": "auto"}},
-    }
+    raw["deepspeed"] = {"train_batch_size": "auto", "steps_per_print": 5}
     cfg = load_config(write(tmp_path, raw))
     ds = resolve_deepspeed(cfg, 4)
-    assert cfg.deepspeed["optimizer"]["params"]["lr"] == "auto"   # the config is not modified
+    assert cfg.deepspeed["train_batch_size"] == "auto"                 # the config is not modified
     assert ds["train_batch_size"] == 2 * 3 * 4
     assert ds["fp16"] == {"enabled": True} and "bf16" not in ds
     assert ds["steps_per_print"] == 5
-    assert ds["optimizer"]["params"] == {"lr": 0.01, "weight_decay": 0.0, "betas": [0.9, 0.999],
-                                         "eps": 1e-8}
-    assert ds["scheduler"]["params"] == {"warmup_min_lr": 0, "warmup_max_lr": 0.01,
-                                         "warmup_num_steps": 4, "total_num_steps": 10}
+    # A minimal section: DeepSpeed itself asserts without batch keys; they are filled from train.
+    raw["deepspeed"] = {"zero_optimization": {"stage": 3}}
+    ds = resolve_deepspeed(load_config(write(tmp_path, raw)), 2, hidden_size=64)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"],
+            ds["gradient_clipping"]) == (2, 3, 12, 1.0)
+    assert ds["zero_optimization"] == {"stage": 3}                     # explicit keys only: no "auto" to fill
+
+
+@pytest.mark.parametrize("section, needle", [
+    ({"optimizer": {"type": "AdamW", "params": {"lr": "auto"}}}, "deepspeed.optimizer: not supported"),
+    ({"scheduler": {"type": "WarmupDecayLR", "params": {}}}, "deepspeed.scheduler: not supported"),
+])
+def test_deepspeed_optimizer_and_scheduler_sections_are_refused(tmp_path, section, needle):
+    """The trainer's own AdamW and schedule would silently win over them: refuse in one line."""
+    raw = valid_raw()
+    raw["deepspeed"] = section
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(write(tmp_path, raw))
+    assert_one_line_error(excinfo, needle)
 
 
 def test_resolve_deepspeed_errors(tmp_path):
@@ -355,13 +364,22 @@ def test_resolve_deepspeed_errors(tmp_path):
     with pytest.raises(ConfigError) as excinfo:
         resolve_deepspeed(cfg, 4)
     assert_one_line_error(excinfo, "deepspeed.train_batch_size", "world_size 4")
-    raw["train"] = {"epochs": 1}
-    raw["deepspeed"] = {"scheduler": {"type": "WarmupDecayLR", "params": {"total_num_steps": "auto"}}}
-    cfg = load_config(write(tmp_path, raw))          # by epochs: the step count comes later
-    with pytest.raises(ConfigError) as excinfo:
-        resolve_deepspeed(cfg, 1)
-    assert_one_line_error(excinfo, "deepspeed.scheduler.params.total_num_steps")
-    assert resolve_deepspeed(cfg, 1, total_steps=30)["scheduler"]["params"]["total_num_steps"] == 30
+
+
+def test_paths_in_a_config_resolve_against_its_directory(tmp_path, monkeypatch):
+    """configs/llama13b.json works from any working directory; --set values stay cwd-relative."""
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(REPO / "configs" / "tiny.json", [f"output_dir={tmp_path / 'o'}"])
+    assert cfg.model.name_or_path == str(REPO / "assets" / "stories260K")
+    assert cfg.data.train == str(REPO / "assets" / "data" / "tinyshakespeare.txt")
+    assert cfg.deepspeed == str(REPO / "configs" / "deepspeed" / "zero3.json")
+    assert resolve_deepspeed(cfg, 1)["zero_optimization"]["stage"] == 3
+    (tmp_path / "mine.txt").write_text("x " * 500)
+    cfg = load_config(REPO / "configs" / "tiny.json", ["data.train=mine.txt"])
+    assert cfg.data.train == "mine.txt"
+    hub = load_config(REPO / "configs" / "tiny.json", ["model.name_or_path=HuggingFaceTB/SmolLM2-135M"],
+                      check_files=False)
+    assert hub.model.name_or_path == "HuggingFaceTB/SmolLM2-135M"    # a Hub id is kept as written
 
 
 # ------------------------------------------------------------------------------ property tests
