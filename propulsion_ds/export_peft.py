@@ -15,8 +15,8 @@ What IA3 cannot express, refused with the setting named: a scaled input embeddin
 (``propulsion.train_bias``: IA3 only scales). The export is one-way: z and k cannot be recovered
 from z**k, so training resumes from our own adapter / checkpoint format, never from the export.
 
-The scale is computed by ``propulsion.scale_from_delta`` over the whole flat vector, exactly as
-the training hook does, so the exported values are the ones the hook multiplies by, bit for bit.
+The scale is computed by ``propulsion.scale_from_delta`` from each target's slice, as the training
+hook does, so the exported values are the ones the hook multiplies by.
 """
 from __future__ import annotations
 
@@ -105,12 +105,12 @@ def _refuse_inexpressible(pcfg: PropulsionConfig, weights: dict) -> None:
 def ia3_vectors(meta: dict, weights: dict) -> dict:
     """{module name: fp32 z**k of shape (d_out, 1)} in the adapter's target order.
 
-    The z of every target are laid side by side as the trainer's flat delta (targets in slot
-    order), and ``scale_from_delta`` runs once over the whole of it, as the training hook does.
+    Each target's scale is ``scale_from_delta`` of its own (n, d_out) slice of the delta, as the
+    training hook computes it (z - 1 is exact for z in [0.5, 2] by Sterbenz, and 1 + (z - 1) == z).
     """
     pcfg = PropulsionConfig(**meta["propulsion"])
     n = pcfg.num_vectors
-    names, zs = [], []
+    out = {}
     for name, size in meta["targets"].items():
         key = name + KEY_SUFFIX
         if key not in weights:
@@ -119,15 +119,11 @@ def ia3_vectors(meta: dict, weights: dict) -> dict:
         want = (size,) if n == 1 else (n, size)
         if tuple(z.shape) != want:
             raise AdapterError(f"adapter key {key!r} has shape {tuple(z.shape)}, its config says {want}")
-        names.append(name)
-        zs.append(z.float().reshape(n, size))
+        out[name] = scale_from_delta(z.float().reshape(n, size) - 1.0, pcfg.degree).reshape(-1, 1).contiguous()
     unexpected = [k for k in weights if k.endswith(KEY_SUFFIX) and k[:-len(KEY_SUFFIX)] not in meta["targets"]]
     if unexpected:
         raise AdapterError(f"adapter has unexpected key {unexpected[0]!r}")
-    # z - 1 is exact for z in [0.5, 2] (Sterbenz), and 1 + (z - 1) == z: the hook's arithmetic.
-    scale = scale_from_delta(torch.cat(zs, dim=1) - 1.0, pcfg.degree)
-    parts = scale.split([z.shape[1] for z in zs])
-    return {name: p.reshape(-1, 1).contiguous() for name, p in zip(names, parts)}
+    return out
 
 
 def peft_config(targets: list, fan_in_fan_out: bool, base_name: str) -> dict:
