@@ -1,10 +1,22 @@
 """Propulsion (arXiv 2409.10927): y' = y * z**k per output channel of each targeted frozen module.
 
 Layout (DESIGN §3): one flat trainable offset ``delta`` of shape ``(num_vectors, total_d_out)``
-is registered on the root model as ``propulsion_delta``; a forward hook on each targeted module
-slices its channels. No wrapper modules and one tensor in all, because under ZeRO-3 every extra
-module and tensor costs bookkeeping on every step. ZeRO gathers the root's parameters for the
-whole forward and backward, so every slice reads gathered data.
+is registered on the root model as ``propulsion_delta`` (z = 1 + delta); a forward hook on each
+targeted module slices its channels. No wrapper modules and one tensor in all, because under
+ZeRO-3 every extra module and tensor costs bookkeeping on every step. ZeRO gathers the root's
+parameters for the whole forward and backward, so every slice reads gathered data.
+
+Scale: every target hook computes its own ``mean_i (1 + delta[i, lo:hi])**k`` from the delta as
+it is at that call (``_Propel``). Nothing is cached between hooks or calls, so no scale is ever
+stale: a submodule called on its own, an in-place or ``.data`` write to the delta, two backward
+passes, gradient accumulation and reentrant / non-reentrant activation checkpointing all see the
+current delta.
+
+Multi-propulsion (``num_vectors = n > 1``, paper appendix F: ``s = mean_i z_i**k``): the vectors
+start at z_i**k = 1 + c_i with c_i evenly spaced in [-0.1, 0.1] (n = 4: -0.1, -0.033, 0.033, 0.1;
+the same for every channel), so mean_i z_i**k = 1 and step 0 is the base model (fp32: within
+~1e-7 of 1 per channel; logits within 1e-6 relative, not bit-identical). Starting all n vectors
+at ones would give them the same gradient for ever, and n = 4 would train exactly like n = 1.
 """
 from __future__ import annotations
 
@@ -15,7 +27,7 @@ from typing import Union
 import torch
 from torch import nn
 
-from .targets import find_targets, module_out_features
+from .targets import find_targets, module_out_features, weight_axis
 
 DELTA_NAME = "propulsion_delta"
 STATE_ATTR = "_propulsion_state"
@@ -83,158 +95,132 @@ def scale_from_delta(delta: torch.Tensor, degree: int) -> torch.Tensor:
     return (z ** degree).mean(0)
 
 
-def _identity(t):
-    return t
+class _Propel(torch.autograd.Function):
+    """y' = y * s with s = mean_i (1 + delta[i, lo:hi])**k, in one autograd node per target.
 
+    The scale is computed here, from the delta as it is at this call, by every target on every
+    call: nothing is cached, so a submodule called on its own, a delta written in place (also
+    through ``.data``, which autograd's version counter cannot see), a second backward, gradient
+    accumulation and both kinds of activation checkpointing all read the current delta. One node
+    instead of autograd's slice/add/pow/mul chain keeps the per-target cost to one Python call and
+    a few small kernels (DESIGN §3: under ZeRO-3 the bookkeeping, not the FLOPs, is the cost).
 
-_GRAPH_TASK_ID = getattr(torch._C, "_current_graph_task_id", None)
-
-
-def _in_backward() -> bool:
-    """True while autograd runs a backward pass (where activation checkpointing recomputes)."""
-    return _GRAPH_TASK_ID is not None and _GRAPH_TASK_ID() != -1
-
-
-class _ScaleCache:
-    """The whole model's channel scale, computed once per forward and split per target.
-
-    Per step this costs a handful of small tensor ops (add, pow, one split) instead of a slice,
-    add and pow per target, and backward concatenates the targets' scale gradients once (split's
-    backward) instead of scattering each slice into a zero tensor of the whole delta's size.
-
-    The scale is computed lazily by the first target hook of a forward, where ZeRO-3 has gathered
-    the root's delta (the root's pre-forward fetch has run). The root's forward pre-hook
-    (``invalidate``) drops it before every forward; the cache is also keyed on the delta's
-    identity, version and storage and on the grad mode, so without ZeRO a delta changed in place
-    (an optimizer step) or a module called outside the root's forward never reads a stale scale.
-
-    Activation checkpointing: the shared scale is computed outside the checkpoint's saved-tensor
-    hooks, so an original forward and its recomputation save the same tensors; a recomputation
-    (it runs inside backward) takes a fresh per-target scale instead of the cache, which keeps
-    reentrant checkpointing's separate per-layer backward passes independent.
-
-    ``values`` (detached) and ``invertible`` belong to the forward that computed them: a
-    recomputation returns exactly those values and decides in place / not as the forward did.
-    ``invertible``: every scale is finite and not tiny, so y can be scaled in place and recovered
-    as y' / scale in backward (see ``_ScaleOutput``).
-    """
-
-    def __init__(self, root: nn.Module, sizes: list, degree: int):
-        self.root, self.sizes, self.degree = root, list(sizes), degree
-        self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
-        self.chunks, self.key = None, None                          # this forward's scale, split
-        self.values, self.invertible, self.values_key = None, None, None   # the delta's scale values
-
-    def invalidate(self, *unused) -> None:
-        # Every forward of the root starts afresh: under ZeRO-3 an optimizer step may rewrite the
-        # delta in the same storage without bumping its version, so the key alone cannot tell.
-        self.chunks = self.key = self.values = self.invertible = self.values_key = None
-
-    def get(self, index: int) -> tuple[torch.Tensor, bool]:
-        """(this target's scale, whether every scale is invertible)."""
-        delta = getattr(self.root, DELTA_NAME)
-        values_key = (id(delta), delta._version, delta.data_ptr(), delta.dtype)
-        if _in_backward():
-            with torch.autograd.graph.saved_tensors_hooks(_identity, _identity):
-                return self._recomputed(delta, values_key, index), self.invertible
-        key = values_key + (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
-        if self.chunks is None or key != self.key:
-            with torch.autograd.graph.saved_tensors_hooks(_identity, _identity):
-                scale = scale_from_delta(delta, self.degree)
-            self.chunks, self.key = scale.split(self.sizes, dim=0), key
-            self._set_values(scale.detach(), values_key)
-        return self.chunks[index], self.invertible
-
-    def _recomputed(self, delta: torch.Tensor, values_key: tuple, index: int) -> torch.Tensor:
-        if self.values is None or values_key != self.values_key:
-            with torch.no_grad():
-                self._set_values(scale_from_delta(delta, self.degree), values_key)
-        lo, hi = self.offsets[index], self.offsets[index] + self.sizes[index]
-        part = scale_from_delta(delta[:, lo:hi], self.degree)
-        # The forward's exact values (a slice's pow may round differently from the whole tensor's
-        # in the last bit) with the slice's gradient: values - part is exact (the two are within a
-        # factor of 2, Sterbenz), so part + (values - part) == values bit for bit.
-        return part + (self.values[lo:hi] - part.detach())
-
-    def _set_values(self, scale: torch.Tensor, values_key: tuple) -> None:
-        tiny = torch.finfo(scale.dtype).tiny ** 0.5       # |y * s| stays a normal number
-        self.values = scale
-        self.invertible = bool((torch.isfinite(scale) & (scale.abs() >= tiny)).all())
-        self.values_key = values_key
-
-    def __getstate__(self):
-        # copy.deepcopy / pickle: never carry computed tensors; root is rebound by the memo.
-        state = self.__dict__.copy()
-        state.update(chunks=None, key=None, values=None, invertible=None, values_key=None)
-        return state
-
-
-class _ScaleOutput(torch.autograd.Function):
-    """y' = y * scale over the last dimension, in the promoted dtype, cast back to y's dtype.
-
-    The same values and gradients as autograd's ``(y.to(dt) * scale.to(dt)).to(y.dtype)``, with
-    less activation memory and no new tensor where possible:
-
-    - y already in the working dtype and every scale invertible: y is scaled IN PLACE and only
-      y' is saved (often shared with what the next op saves anyway: silu(gate), up * ..., v in
-      attention); backward uses y = y' / scale, i.e. d/dscale = sum(g * y') / scale.
-    - otherwise y' is a new tensor and y is saved in its own dtype (a bf16 y, not its fp32 copy).
+    y in the working dtype (``promote(y.dtype, s.dtype)``, i.e. fp32 y with an fp32 scale) is
+    scaled IN PLACE and only y' is saved (often shared with what the next op saves anyway:
+    silu(gate), up * ..., v in attention); backward recovers sum(g * y) as sum(g * y') / s. That is
+    exact for any normal, finite s; a degenerate channel (|z**k| below ~1e-30, or inf/nan) gives a
+    non-finite gradient, which the trainer's NaN guard turns into a skipped step, never a silent
+    wrong update. Otherwise (a bf16 y) y' is a new tensor and y is saved in its own dtype.
+    Saved for the delta's gradient: z = 1 + delta[:, lo:hi] (n x d_out, tiny), not the delta.
     """
 
     @staticmethod
-    def forward(ctx, y, scale, inplace):
-        dtype = torch.promote_types(y.dtype, scale.dtype)
-        ctx.inplace, ctx.y_dtype, ctx.s_dtype = inplace, y.dtype, scale.dtype
-        ctx.dims = tuple(range(y.dim() - 1))
-        s = scale if scale.dtype == dtype else scale.to(dtype)
-        ctx.save_for_backward(y, s)
+    def forward(ctx, y, delta, lo, hi, degree, inplace):
+        z = 1.0 + delta[:, lo:hi].to(torch.promote_types(delta.dtype, torch.float32))
+        s = z[0] ** degree if z.shape[0] == 1 else (z ** degree).mean(0)
+        dtype = torch.promote_types(y.dtype, s.dtype)
+        inplace = inplace and y.dtype == dtype
+        ctx.inplace, ctx.y_dtype, ctx.degree, ctx.lo, ctx.hi = inplace, y.dtype, degree, lo, hi
+        ctx.delta_shape, ctx.delta_dtype = delta.shape, delta.dtype
+        s = s if s.dtype == dtype else s.to(dtype)
         if inplace:
             ctx.mark_dirty(y)
-            return y.mul_(s)
+            out = y.mul_(s)
+            ctx.save_for_backward(out, s, z)
+            return out
+        ctx.save_for_backward(y, s, z)
         return y * s if y.dtype == dtype else (y.to(dtype) * s).to(y.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        y, s = ctx.saved_tensors
+        y, s, z = ctx.saved_tensors
         if grad.dtype != s.dtype:
             grad = grad.to(s.dtype)
-        grad_y = grad_scale = None
+        grad_y = grad_delta = None
         if ctx.needs_input_grad[0]:
             grad_y = grad * s
             if ctx.y_dtype != s.dtype:
                 grad_y = grad_y.to(ctx.y_dtype)
         if ctx.needs_input_grad[1]:
-            grad_scale = (grad * (y if y.dtype == s.dtype else y.to(s.dtype))).sum(ctx.dims)
+            dims = tuple(range(grad.dim() - 1))
+            grad_s = (grad * (y if y.dtype == s.dtype else y.to(s.dtype))).sum(dims)
             if ctx.inplace:
-                grad_scale.div_(s)
-            if ctx.s_dtype != s.dtype:
-                grad_scale = grad_scale.to(ctx.s_dtype)
-        return grad_y, grad_scale, None
+                grad_s = grad_s / s
+            k, n = ctx.degree, z.shape[0]
+            # d/dz_i mean_i z_i**k = k z_i**(k-1) / n  (the same formula as autograd's pow)
+            grad_z = grad_s.to(z.dtype) * (k * z ** (k - 1) if k > 1 else torch.ones_like(z))
+            if n > 1:
+                grad_z = grad_z / n
+            grad_delta = grad_z.new_zeros(ctx.delta_shape, dtype=ctx.delta_dtype)
+            grad_delta[:, ctx.lo:ctx.hi] = grad_z
+        return grad_y, grad_delta, None, None, None, None
 
 
 class _ScaleHook:
-    """Forward hook y -> y * scale, scale = this target's slice of the model's (1+delta)**k.
+    """Forward hook y -> y * mean_i (1 + delta[i, lo:hi])**k, the delta read from the root NOW.
 
-    The scale is fp32 (float64 for a float64 delta), applied in the promoted dtype and cast back
-    (``_ScaleOutput``). An object rather than a closure: ``copy.deepcopy`` (and pickling) of the
-    model then rebinds the shared cache's ``root`` to the copy, so a copied model reads its own
-    delta, not the original's.
+    An object rather than a closure: ``copy.deepcopy`` (and pickling) of the model then rebinds
+    ``root`` to the copy, so a copied model reads its own delta, not the original's.
     """
 
-    def __init__(self, cache: _ScaleCache, index: int):
-        self.cache, self.index = cache, index
+    def __init__(self, root: nn.Module, lo: int, hi: int, degree: int):
+        self.root, self.lo, self.hi, self.degree = root, lo, hi, degree
 
     def __call__(self, module, args, output):
-        scale, invertible = self.cache.get(self.index)
-        same = output.dtype == scale.dtype
-        dtype = scale.dtype if same else torch.promote_types(output.dtype, scale.dtype)
-        inplace = invertible and output.dtype == dtype and not output._is_view()
-        if torch.is_grad_enabled() and (scale.requires_grad or output.requires_grad):
-            return _ScaleOutput.apply(output, scale, inplace)
+        delta = getattr(self.root, DELTA_NAME)
+        if delta.dim() != 2:
+            # ZeRO-3 keeps a partitioned delta as a flat shard outside the root's forward.
+            raise RuntimeError(
+                "the Propulsion delta is partitioned (ZeRO-3): call the root model, or gather "
+                f"{DELTA_NAME} (deepspeed.zero.GatheredParameters) before calling a submodule")
+        inplace = output.is_floating_point() and not output._is_view()
+        if torch.is_grad_enabled() and (delta.requires_grad or output.requires_grad):
+            return _Propel.apply(output, delta, self.lo, self.hi, self.degree, inplace)
         with torch.no_grad():
-            if inplace:
-                return output.mul_(scale if same else scale.to(dtype))
-            return (output.to(dtype) * scale.to(dtype)).to(output.dtype)
+            s = scale_from_delta(delta[:, self.lo:self.hi], self.degree)
+            dtype = torch.promote_types(output.dtype, s.dtype)
+            if inplace and output.dtype == dtype:
+                return output.mul_(s)
+            return (output.to(dtype) * s.to(dtype)).to(output.dtype)
+
+
+MULTI_SPREAD = 0.1     # multi-propulsion: z_i**k starts at 1 + c_i, c_i evenly spaced in [-0.1, 0.1]
+
+
+def multi_offsets(num_vectors: int) -> list:
+    """c_i = MULTI_SPREAD * (2i - (n-1)) / (n-1): symmetric about 0, so sum_i c_i = 0 exactly."""
+    if num_vectors == 1:
+        return [0.0]
+    return [MULTI_SPREAD * (2 * i - (num_vectors - 1)) / (num_vectors - 1) for i in range(num_vectors)]
+
+
+def initial_delta(num_vectors: int, size: int, degree: int, dtype=torch.float32, device=None) -> torch.Tensor:
+    """The delta at step 0, (num_vectors, size): zeros for n = 1; for n > 1 row i holds
+    ``(1 + c_i)**(1/k) - 1`` so that z_i**k = 1 + c_i and mean_i z_i**k = 1 (the base model).
+
+    n equal vectors would get equal gradients and stay equal for ever (n = 4 would train exactly
+    like n = 1); distinct starting points break that symmetry while the model still starts as
+    the base model. Rounding: row n-1-i is solved from row i's value as the hook will compute it
+    (``(1 + delta.float())**k`` after rounding delta to ``dtype``), so the pair sums to 2 up to one
+    rounding of the delta; in fp32 the mean is 1 within ~1e-7 (see tests/test_multi_propulsion.py).
+    Every channel gets the same offsets: deterministic, the same on every rank, no RNG draw.
+    """
+    if str(device) == "meta":
+        return torch.zeros(num_vectors, size, dtype=dtype, device=device)
+    if num_vectors == 1 or size == 0:
+        return torch.zeros(num_vectors, size, dtype=dtype, device=device)
+    c = multi_offsets(num_vectors)
+    work = torch.promote_types(dtype, torch.float32)
+    rows = [None] * num_vectors
+    for i in range(num_vectors // 2):
+        j = num_vectors - 1 - i
+        di = torch.tensor((1.0 + c[i]) ** (1.0 / degree) - 1.0, dtype=torch.float64).to(dtype)
+        pi = (1.0 + di.to(work)) ** degree                       # what the hook will compute
+        dj = ((2.0 - pi.double()) ** (1.0 / degree) - 1.0).to(dtype)
+        rows[i], rows[j] = di, dj
+    if num_vectors % 2:
+        rows[num_vectors // 2] = torch.zeros((), dtype=dtype)
+    return torch.stack(rows)[:, None].expand(num_vectors, size).contiguous().to(device)
 
 
 def get_state(model: nn.Module) -> PropulsionState | None:
@@ -258,16 +244,15 @@ def inject(model: nn.Module, config: PropulsionConfig | None = None) -> list[str
     ref = next(iter(model.parameters()), None)
     dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
     device = ref.device if ref is not None else None
-    delta = nn.Parameter(torch.zeros(config.num_vectors, offset, dtype=dtype, device=device))
+    delta = nn.Parameter(initial_delta(config.num_vectors, offset, config.degree, dtype, device))
     model.register_parameter(DELTA_NAME, delta)
 
     state = PropulsionState(config=config, slots=slots)
-    cache = _ScaleCache(model, [s.size for s in slots], config.degree)
-    state.handles.append(model.register_forward_pre_hook(cache.invalidate))
     modules = dict(targets)
-    for index, slot in enumerate(slots):
+    for slot in slots:
         module = modules[slot.name]
-        state.handles.append(module.register_forward_hook(_ScaleHook(cache, index)))
+        hook = _ScaleHook(model, slot.offset, slot.offset + slot.size, config.degree)
+        state.handles.append(module.register_forward_hook(hook))
         if config.train_bias and getattr(module, "bias", None) is not None:
             module.bias.requires_grad_(True)
     setattr(model, STATE_ATTR, state)
@@ -284,6 +269,20 @@ def channel_scales(model: nn.Module, delta: torch.Tensor | None = None) -> dict:
     delta = getattr(model, DELTA_NAME) if delta is None else delta
     full = scale_from_delta(delta.detach(), state.config.degree)
     return {s.name: full[s.offset:s.offset + s.size] for s in state.slots}
+
+
+def fold(tensor: torch.Tensor, scale: torch.Tensor, axis: int) -> torch.Tensor:
+    """``tensor`` with ``scale`` (one value per output channel) folded in along ``axis``.
+
+    The one fold of both merges (``merge_and_unload`` and the streaming ``merge.merge``):
+    W' = s[:, None] W (nn.Linear, axis 0), W' = W s[None, :] (Embedding, Conv1D: axis -1),
+    b' = s b (axis 0). Computed in fp32 (float64 for float64 tensors), returned in ``tensor``'s
+    dtype: a bf16 weight is rounded once, after the product.
+    """
+    shape = [1] * tensor.dim()
+    shape[axis] = -1
+    dt = torch.promote_types(tensor.dtype, torch.float32)
+    return (tensor.to(dt) * scale.to(dt).reshape(shape)).to(tensor.dtype)
 
 
 def _require_state(model: nn.Module) -> PropulsionState:
@@ -303,8 +302,6 @@ def merge_and_unload(model: nn.Module, untie: bool = False) -> nn.Module:
 
     Runs on a whole (not ZeRO-partitioned) model.
     """
-    from .targets import is_conv1d  # local: keeps the transformers import lazy
-
     state = _require_state(model)
     in_emb = model.get_input_embeddings()
     out_emb = model.get_output_embeddings()
@@ -330,17 +327,10 @@ def merge_and_unload(model: nn.Module, untie: bool = False) -> nn.Module:
     modules = dict(model.named_modules())
     with torch.no_grad():
         for slot in state.slots:
-            module, s = modules[slot.name], scales[slot.name]
-            w = module.weight
-            wd = torch.promote_types(w.dtype, s.dtype)
-            if isinstance(module, nn.Embedding) or is_conv1d(module):  # (vocab|in, out)
-                w.copy_((w.to(wd) * s.to(wd)[None, :]).to(w.dtype))
-            else:  # nn.Linear: (out, in)
-                w.copy_((w.to(wd) * s.to(wd)[:, None]).to(w.dtype))
-            b = getattr(module, "bias", None)
-            if b is not None:
-                bd = torch.promote_types(b.dtype, s.dtype)
-                b.copy_((b.to(bd) * s.to(bd)).to(b.dtype))
+            module, scale = modules[slot.name], scales[slot.name]
+            module.weight.copy_(fold(module.weight, scale, weight_axis(module)))
+            if getattr(module, "bias", None) is not None:   # the trained bias when train_bias
+                module.bias.copy_(fold(module.bias, scale, 0))
     for handle in state.handles:
         handle.remove()
     del model._parameters[DELTA_NAME]

@@ -30,6 +30,12 @@ def module_out_features(module: nn.Module) -> int:
     return int(shape[0])
 
 
+def weight_axis(module: nn.Module) -> int:
+    """The output-channel axis of the module's weight: 0 for nn.Linear (out, in), -1 for an
+    Embedding (num, dim) or a GPT-2 Conv1D (in, out)."""
+    return -1 if isinstance(module, nn.Embedding) or is_conv1d(module) else 0
+
+
 def pattern_matches(pattern: str, name: str) -> bool:
     """A target pattern matches a module name as a dotted suffix or as a full regex."""
     if name == pattern or name.endswith("." + pattern):
