@@ -21,26 +21,41 @@ CPU figure includes DeepSpeed's ``additional_buffer_factor`` 1.5 (pinned staging
 allocator slack), which the planner applies to host memory too. DeepSpeed's estimator knows only
 full fine-tuning; Propulsion and LoRA use the same accounting with "trained" = their own counts.
 
-Activations (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
-Models", arXiv 2205.05198, eq. 1, no tensor/sequence parallelism), bytes in 16-bit:
-  per decoder layer, no checkpointing:  s*b*h*(34 + 5*a*s/h)
-  with (full) activation checkpointing: 2*s*b*h per layer (each layer's 16-bit input is kept)
-                                        + one layer's full activations (recomputed in backward)
-  logits and loss:                      s*b*V*(2 + 4 + 4)  (16-bit logits, fp32 upcast for the
-                                        loss, fp32 log-softmax kept for backward)
-with s = data.max_length, b = train.micro_batch_size, h = hidden size, a = attention heads,
-V = vocabulary. The 5*a*s/h term is the stored attention matrix of eager attention; SDPA/flash
-attention does not keep it, so the figure is an upper bound there. The same activation figures
-are used for Propulsion, LoRA and full fine-tuning (they differ by what each saves for its own
-backward, which is small next to this). fp32 runs double the 16-bit figures.
+Activations: bytes that autograd saves for backward, per token and decoder layer, counted on
+LLaMA layers (transformers 5.24, SDPA attention, torch 2.13) with
+``torch.autograd.graph.saved_tensors_hooks`` (unique storages, parameters excluded) while varying
+the hidden size h, the K/V width d_kv = kv_heads*head_dim, the MLP width I and the heads a one at
+a time; linear in each and in the sequence length (no s^2 term: SDPA keeps only the log-sum-exp
+per head). ``tests/test_memory.py`` re-counts them on the real stories260K and SmolLM2 shapes.
+  method       fp32                                 bf16
+  propulsion   28h + 12 d_kv + 12 I + 4(a+2)        18h + 8 d_kv + 10 I + 4(a+2)
+  LoRA r       24h +  8 d_kv + 16 I + 4(a+2) + 28r  16h + 4 d_kv +  8 I + 4(a+2) + 14r
+  full         32h +  8 d_kv + 16 I + 4(a+2)        20h + 4 d_kv +  8 I + 4(a+2)
+(bf16 runs keep the RMSNorms' fp32 upcasts and Propulsion's fp32 scale; a frozen base saves no
+linear inputs, but Propulsion's scale gradient needs each target's output y'.) With (full)
+activation checkpointing each layer keeps only its input (h per token, model dtype) and one layer
+is recomputed with all of the above. Eager attention also stores the s x s attention matrix per
+head, which this table does not count.
+Logits and loss, bytes per token per vocabulary entry: the logits the caller holds (model dtype)
++ log-softmax's saved fp32 output + two fp32 gradients alive during its backward = dtype + 12.
+s = data.max_length, b = train.micro_batch_size, V = vocabulary.
 
 ZeRO-3 working buffers (from the DeepSpeed config, "auto" filled as the engine does: h*h,
 0.9*h*h, 10*h): the prefetch bucket (stage3_prefetch_bucket_size 16-bit elements), the reduce
 (IPG) bucket (reduce_bucket_size elements, allocated with contiguous_gradients), the rest of a
 decoder layer that stays gathered between recompute and backward beyond the largest module
 (capped by stage3_max_live_parameters), and the small "persistent" parameters (numel <=
-stage3_param_persistence_threshold) that every GPU keeps whole. ZeRO-2: the all-gather and reduce
-buckets.
+stage3_param_persistence_threshold) that every GPU keeps whole. ZeRO++ hierarchical partitioning
+(zero_hpz_partition_size = g > 1) keeps a second copy of the parameters partitioned over g GPUs
+(a node) so the forward/backward all-gathers stay inside the node: +P*bytes/g per GPU.
+ZeRO-1/2: the reduce (IPG) bucket, doubled with overlap_comm (DeepSpeed allocates two).
+
+Layout advice (``recommend_layout``): replicate the frozen base (ZeRO-2: only the vectors'
+gradients and optimizer state sharded) when the whole replicated run needs at most
+``1 - REPLICATE_HEADROOM`` of a GPU's usable memory: a replicated base has no per-module
+gather/release and no per-step re-partitioning, which is where ZeRO-3's engine floor goes
+(bench/speed.py). Otherwise ZeRO-3, with ZeRO++ hpZ across nodes (zero_hpz_partition_size =
+GPUs per node) when the secondary copy fits; then ZeRO-3 alone; then ZeRO-3 with CPU offload.
 """
 from __future__ import annotations
 
@@ -55,7 +70,15 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_MODEL_CONFIGS = REPO_ROOT / "configs" / "models"
 DS_ADDITIONAL_BUFFER_FACTOR = 1.5     # DeepSpeed's estimator: host pinned buffers, allocator slack
 GPU_RESERVE_FRACTION = 0.10           # CUDA context, NCCL buffers, fragmentation
+REPLICATE_HEADROOM = 0.20             # replicate only with 20% of usable memory to spare: packed
+                                      # rows, longer eval batches and fragmentation vary per run
 LORA_RANK = 8
+DEEPSPEED_CONFIGS = {                 # layout -> shipped DeepSpeed config (relative to the repo)
+    "replicated": "configs/deepspeed/zero2.json",
+    "zero3": "configs/deepspeed/zero3.json",
+    "zero3_hpz": "configs/deepspeed/zero3_hpz.json",
+    "zero3_offload": "configs/deepspeed/zero3_offload.json",
+}
 
 
 class PlanError(ValueError):
@@ -77,6 +100,8 @@ class ModelShape:
     vocab_size: int
     propulsion_trainable: int
     lora_trainable: int
+    intermediate_size: int = 0  # MLP width I (0: 4h)
+    kv_dim: int = 0             # K/V projection width kv_heads * head_dim (0: h)
     small_param_numels: list = field(default_factory=list, repr=False)   # for persistence
 
     def persistent_params(self, threshold: int) -> int:
@@ -158,6 +183,9 @@ def model_shape(config_path, propulsion_config=None, lora_rank: int = LORA_RANK)
         decoder_layer_params=layer_params, num_layers=len(layers),
         hidden_size=int(text.hidden_size), num_heads=int(text.num_attention_heads),
         vocab_size=int(text.vocab_size), propulsion_trainable=trainable, lora_trainable=lora,
+        intermediate_size=int(getattr(text, "intermediate_size", None) or 4 * text.hidden_size),
+        kv_dim=int(getattr(text, "num_key_value_heads", None) or text.num_attention_heads)
+        * int(getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads),
         small_param_numels=sorted(p.numel() for p in params))
 
 
@@ -172,6 +200,8 @@ class ZeroSettings:
     persistence_threshold: int = 100_000
     max_live_parameters: int = 1_000_000_000
     allgather_bucket_size: int = 500_000_000
+    hpz_partition_size: int = 1         # ZeRO++ hpZ: secondary partition group size (GPUs per node)
+    overlap_comm: bool = False          # ZeRO-1/2 then allocate a second reduce bucket
 
     @classmethod
     def from_deepspeed(cls, ds: dict) -> "ZeroSettings":
@@ -195,10 +225,14 @@ class ZeroSettings:
                    prefetch_bucket_size=num("stage3_prefetch_bucket_size", d.prefetch_bucket_size),
                    persistence_threshold=num("stage3_param_persistence_threshold", d.persistence_threshold),
                    max_live_parameters=num("stage3_max_live_parameters", d.max_live_parameters),
-                   allgather_bucket_size=num("allgather_bucket_size", d.allgather_bucket_size))
+                   allgather_bucket_size=num("allgather_bucket_size", d.allgather_bucket_size),
+                   hpz_partition_size=num("zero_hpz_partition_size", 1),
+                   overlap_comm=bool(z.get("overlap_comm", False)))
 
     def describe(self) -> str:
         s = f"ZeRO stage {self.stage}"
+        if self.stage >= 3 and self.hpz_partition_size > 1:
+            s += f", ZeRO++ hpZ over {self.hpz_partition_size} GPUs"
         if self.stage >= 1:
             s += (f", offload_param={'cpu' if self.offload_param else 'none'}"
                   f", offload_optimizer={'cpu' if self.offload_optimizer else 'none'}")
@@ -206,17 +240,36 @@ class ZeroSettings:
 
 
 # --------------------------------------------------------------------------- formulas
+# bytes per token per decoder layer: (h, d_kv, I, per-head-and-norm, per LoRA rank) coefficients,
+# counted with saved_tensors_hooks (module docstring); keyed by (method, bytes per element).
+ACTIVATION_COEFFS = {
+    ("propulsion", 4): (28, 12, 12, 4, 0), ("propulsion", 2): (18, 8, 10, 4, 0),
+    ("lora", 4): (24, 8, 16, 4, 28), ("lora", 2): (16, 4, 8, 4, 14),
+    ("full", 4): (32, 8, 16, 4, 0), ("full", 2): (20, 4, 8, 4, 0),
+}
+
+
+def layer_activation_bytes_per_token(method: str, hidden: int, kv_dim: int, intermediate: int,
+                                     heads: int, dtype_bytes: int, lora_rank: int = LORA_RANK) -> int:
+    ch, ckv, ci, cn, cr = ACTIVATION_COEFFS[(method, 4 if dtype_bytes >= 4 else 2)]
+    return ch * hidden + ckv * kv_dim + ci * intermediate + cn * (heads + 2) + cr * lora_rank
+
+
 def activation_bytes(seq: int, batch: int, hidden: int, heads: int, layers: int,
-                     checkpointing: bool, dtype_bytes: int = 2) -> int:
-    """Korthikanti et al. eq. 1 (see the module docstring); 16-bit figures scaled by dtype."""
-    sbh = seq * batch * hidden
-    per_layer = sbh * (34 + 5 * heads * seq / hidden)
-    total = (layers * 2 * sbh + per_layer) if checkpointing else layers * per_layer
-    return int(total * dtype_bytes / 2)
+                     checkpointing: bool, dtype_bytes: int = 2, *, method: str = "propulsion",
+                     kv_dim: int | None = None, intermediate: int | None = None) -> int:
+    """Saved activations of the decoder layers (module docstring's table)."""
+    per_token = layer_activation_bytes_per_token(method, hidden, kv_dim or hidden,
+                                                 intermediate or 4 * hidden, heads, dtype_bytes)
+    tokens = seq * batch
+    if checkpointing:
+        return tokens * (layers * hidden * dtype_bytes + per_token)
+    return tokens * layers * per_token
 
 
 def logits_bytes(seq: int, batch: int, vocab: int, dtype_bytes: int = 2) -> int:
-    return seq * batch * vocab * (dtype_bytes + 4 + 4)
+    """Held logits + log-softmax's fp32 output + two fp32 gradients in its backward."""
+    return seq * batch * vocab * (dtype_bytes + 12)
 
 
 @dataclass
@@ -292,6 +345,9 @@ def method_plan(method: str, shape: ModelShape, zero: ZeroSettings, cluster: Clu
         lb = 2 * pb if method == "full" else pb
         row("largest module gathered" + (" + its grads" if method == "full" else " (no grads)"),
             f"{lb}*{shape.largest_module_params / 1e6:.0f}M", lb * shape.largest_module_params, False)
+        if zero.hpz_partition_size > 1 and not zero.offload_param:
+            g = zero.hpz_partition_size
+            row(f"ZeRO++ hpZ secondary copy (over {g} GPUs)", f"P*{pb}/{g}", (P + extra) * pb / g, False)
 
     gpu_states = sum(r[2] for r in rows)
     host_states_node = sum(r[3] for r in rows) * G
@@ -304,10 +360,13 @@ def method_plan(method: str, shape: ModelShape, zero: ZeroSettings, cluster: Clu
         # zero.Init: a rank materialises at most one module before partitioning it (fp32).
         load_peak = 4 * shape.largest_module_params * G
     else:
-        buffers = pb * (zero.allgather_bucket_size + zero.reduce_bucket_size) if zero.stage else 0
+        # ZeRO-1/2 allocate the reduce (IPG) bucket, twice with overlap_comm; the all-gather of
+        # the updated partitions works on the parameters themselves (no bucket-sized buffer).
+        buffers = pb * zero.reduce_bucket_size * (2 if zero.overlap_comm else 1) if zero.stage else 0
         load_peak = 4 * P * G
     act = dict(seq=seq, batch=batch, hidden=shape.hidden_size, heads=shape.num_heads,
-               layers=shape.num_layers, dtype_bytes=dtype_bytes)
+               layers=shape.num_layers, dtype_bytes=dtype_bytes, method=method,
+               kv_dim=shape.kv_dim or None, intermediate=shape.intermediate_size or None)
     return MethodPlan(method=method, trainable=trained, rows=rows, model_states_gpu=int(gpu_states),
                       model_states_host_node=int(host_states_node),
                       activations_ckpt=activation_bytes(checkpointing=True, **act),
@@ -334,6 +393,95 @@ def deepspeed_reference(shape: ModelShape, zero: ZeroSettings, cluster: Cluster)
     return int(cpu), int(gpu)
 
 
+# --------------------------------------------------------------------------- layout advice
+LAYOUTS = ("replicated", "zero3_hpz", "zero3", "zero3_offload")
+
+
+def layout_zero(layout: str, cluster: Cluster, hidden: int) -> ZeroSettings:
+    """The ZeRO settings of a shipped layout, "auto" buckets filled from ``hidden`` as the engine does."""
+    buckets = dict(reduce_bucket_size=hidden * hidden, prefetch_bucket_size=int(0.9 * hidden * hidden),
+                   persistence_threshold=10 * hidden)
+    if layout == "replicated":
+        return ZeroSettings(stage=2, overlap_comm=True, **buckets)
+    if layout == "zero3":
+        return ZeroSettings(stage=3, overlap_comm=True, **buckets)
+    if layout == "zero3_hpz":
+        return ZeroSettings(stage=3, overlap_comm=True, hpz_partition_size=cluster.gpus_per_node, **buckets)
+    if layout == "zero3_offload":
+        return ZeroSettings(stage=3, overlap_comm=True, offload_param=True, offload_optimizer=True, **buckets)
+    raise PlanError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+
+
+@dataclass
+class LayoutAdvice:
+    layout: str                 # one of LAYOUTS, or "none" when nothing fits
+    deepspeed: str | None       # the shipped DeepSpeed config for it
+    overrides: list             # the --set arguments that select it
+    need_bytes: dict            # layout -> total bytes per GPU (every layout considered)
+    usable_bytes: int           # per GPU, after GPU_RESERVE_FRACTION
+    reason: str
+
+    @property
+    def set_args(self) -> str:
+        return " ".join(f"--set {o}" for o in self.overrides)
+
+
+def recommend_layout(shape: ModelShape, cluster: Cluster, *, seq: int, batch: int, checkpointing: bool,
+                     dtype_bytes: int = 2, gpu_memory_gib: float = 80.0,
+                     method: str = "propulsion") -> LayoutAdvice:
+    """Which layout to train ``method`` with on ``cluster`` (rules in the module docstring).
+
+    Replicating the frozen base removes ZeRO-3's per-module gather/release and per-step
+    re-partitioning; it is taken only with REPLICATE_HEADROOM of the usable memory to spare.
+    ZeRO++ hpZ needs more than one node (on one node its secondary group is the whole world);
+    plain ZeRO-3 needs more than one GPU.
+    """
+    usable = int(gpu_memory_gib * GIB * (1 - GPU_RESERVE_FRACTION))
+    kw = dict(seq=seq, batch=batch, checkpointing=checkpointing, dtype_bytes=dtype_bytes)
+    need = {}
+    for layout in LAYOUTS:
+        if layout == "zero3_hpz" and cluster.nodes == 1:
+            continue                    # one node: the secondary group would be the whole world
+        if layout == "zero3" and cluster.gpus == 1:
+            continue                    # nothing to partition over: only offload saves memory
+        z = layout_zero(layout, cluster, shape.hidden_size)
+        need[layout] = method_plan(method, shape, z, cluster, **kw).total_gpu
+    gib = lambda n: f"{n / GIB:.1f} GiB"                 # noqa: E731
+    limit = int(usable * (1 - REPLICATE_HEADROOM))
+    if need["replicated"] <= limit:
+        layout = "replicated"
+        reason = (f"the replicated frozen base fits: {gib(need['replicated'])} per GPU of "
+                  f"{gib(usable)} usable (at most {1 - REPLICATE_HEADROOM:.0%} = {gib(limit)}); "
+                  f"ZeRO-2 shards only the trained vectors' gradients and optimizer state")
+    else:
+        why = (f"a replicated base needs {gib(need['replicated'])} per GPU, more than "
+               f"{1 - REPLICATE_HEADROOM:.0%} of {gib(usable)} usable")
+        layout = next((l for l in ("zero3_hpz", "zero3", "zero3_offload")
+                       if l in need and need[l] <= usable), "none")
+        if layout == "zero3_hpz":
+            reason = (f"{why}; ZeRO-3 with ZeRO++ hpZ over each node's {cluster.gpus_per_node} GPUs "
+                      f"({gib(need[layout])} per GPU) keeps the parameter all-gathers inside a node")
+        elif layout == "zero3":
+            extra = (f"; hpZ's secondary copy does not fit ({gib(need['zero3_hpz'])})"
+                     if "zero3_hpz" in need else "")
+            reason = f"{why}; ZeRO-3 partitions the base over all {cluster.gpus} GPUs ({gib(need[layout])}){extra}"
+        elif layout == "zero3_offload":
+            alone = (f"ZeRO-3 on GPUs alone needs {gib(need['zero3'])}" if "zero3" in need
+                     else "one GPU has nothing to partition over")
+            reason = (f"{why}; {alone}: offload parameters and optimizer state to CPU "
+                      f"({gib(need[layout])} per GPU)")
+        else:
+            reason = (f"{why}; even ZeRO-3 with CPU offload needs {gib(need['zero3_offload'])} per GPU: "
+                      f"use more or larger GPUs, a shorter data.max_length or micro-batch, or "
+                      f"gradient checkpointing")
+    ds = DEEPSPEED_CONFIGS.get(layout)
+    overrides = [] if ds is None else [f"deepspeed={ds}"]
+    if layout == "zero3_hpz":
+        overrides.append(f"deepspeed.zero_optimization.zero_hpz_partition_size={cluster.gpus_per_node}")
+    return LayoutAdvice(layout=layout, deepspeed=ds, overrides=overrides, need_bytes=need,
+                        usable_bytes=usable, reason=reason)
+
+
 # --------------------------------------------------------------------------- whole plan
 @dataclass
 class Plan:
@@ -350,6 +498,7 @@ class Plan:
     deepspeed_source: str
     methods: dict               # method -> MethodPlan
     gpu_memory_gib: float = 80.0
+    advice: LayoutAdvice | None = None
 
     @property
     def propulsion(self) -> MethodPlan:
@@ -398,7 +547,8 @@ def plan_from_run_config(path, *, nodes: int, gpus_per_node: int, model_config: 
                 seq=cfg.data.max_length, batch=cfg.train.micro_batch_size, dtype=cfg.model.dtype,
                 checkpointing=cfg.model.gradient_checkpointing, degree=cfg.propulsion.degree,
                 targets=targets, deepspeed_source=ds_src if isinstance(ds_src, str) else "inline",
-                methods=methods, gpu_memory_gib=gpu_memory_gib)
+                methods=methods, gpu_memory_gib=gpu_memory_gib,
+                advice=recommend_layout(shape, cluster, gpu_memory_gib=gpu_memory_gib, **kw))
 
 
 # --------------------------------------------------------------------------- report
@@ -467,4 +617,14 @@ def format_plan(plan: Plan) -> str:
         w(f"  check: DeepSpeed's estimate_zero3_model_states_mem_needs (full fine-tuning, same offload, "
           f"zero_init): {ds_gpu / GIB:.2f} GiB/GPU, {ds_cpu / GIB:.2f} GiB CPU/node; "
           f"planner: {f.model_states_gpu / GIB:.2f}, {f.host_node / GIB:.2f}")
+    a = plan.advice
+    if a is not None:
+        w("")
+        names = {"replicated": "replicated frozen base (ZeRO-2)", "zero3": "ZeRO-3",
+                 "zero3_hpz": f"ZeRO-3 + ZeRO++ hpZ ({G} GPUs/node)", "zero3_offload": "ZeRO-3 + CPU offload"}
+        w("Layout advice (Propulsion; total per GPU of each layout, GiB):")
+        w("  " + ", ".join(f"{names[k]} {_g(v).strip()}" for k, v in a.need_bytes.items()))
+        w(f"  recommended: {names.get(a.layout, 'nothing fits')}: {a.reason}")
+        if a.overrides:
+            w(f"  use: {a.set_args}")
     return "\n".join(out)
