@@ -1,4 +1,4 @@
-"""What every entry point shares: quiet logs, one-line errors with exit code 2."""
+"""What every entry point shares: quiet logs, one-line errors, and the exit codes."""
 from __future__ import annotations
 
 import logging
@@ -6,7 +6,15 @@ import os
 import sys
 import warnings
 
-EXIT_USAGE = 2
+# Exit codes of the entry points, in one place (README.md "Reliability"; launch/train.py's docstring).
+EXIT_OK = 0
+EXIT_PEER_LOST = 1        # another rank died or stopped answering; resume with --resume
+EXIT_USAGE = 2            # bad input, or output that cannot be written; one "error: ..." line
+EXIT_STOPPED = 3          # stopped on purpose: diverged (train.max_bad_steps)
+EXIT_PREEMPTED = 75       # EX_TEMPFAIL: checkpoint written on SIGUSR1/SIGTERM; resume me.
+                          # The same value as propulsion_ds.engine.EXIT_PREEMPTED (a test checks it);
+                          # kept here too so entry points need not import the engine (torch) for it.
+EXIT_INTERRUPTED = 130    # Ctrl-C, no checkpoint written
 
 
 def setup_logging() -> None:

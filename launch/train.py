@@ -14,20 +14,33 @@ Exit codes (each error is one line on stderr, "error: ..."; see README.md "Relia
   75  preempted: SIGUSR1 or SIGTERM arrived, a checkpoint was written; resume with --resume
   130 interrupted (Ctrl-C), no checkpoint written
 torchrun reports a failed worker as its own exit code 1 and lists the workers' codes in its summary.
+
+How a run ends on every rank (0, 2, 3, 75): after the last collective, all ranks meet at a final
+barrier (bounded: at most 60 s, or half of distributed.timeout_minutes), destroy the process group
+and exit with the code above. A rank whose peers do not arrive in time (it failed alone, e.g. one
+node's data file is bad) leaves at once with its code; under mpirun it ends the MPI job with
+MPI_Abort(code), as does a rank that fails before the process group forms, so mpirun exits with
+that code. A lost peer (1) and Ctrl-C (130) leave at once, without the barrier.
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __package__ in (None, ""):
+    # Run as a file (python/torchrun/deepspeed launch/train.py): make the repository's packages
+    # importable from any working directory. Imported as launch.train (the propulsion-train console
+    # script, python -m launch.train) they already are, and sys.path is left alone.
+    _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if _ROOT not in sys.path:
+        sys.path.insert(0, _ROOT)
 
-from launch.common import fail, setup_logging  # noqa: E402
+from launch.common import (EXIT_INTERRUPTED, EXIT_OK, EXIT_PEER_LOST, EXIT_PREEMPTED,  # noqa: E402
+                           EXIT_STOPPED, EXIT_USAGE, setup_logging)
 
-EXIT_STOPPED = 3
-EXIT_PEER_LOST = 1
-EXIT_INTERRUPTED = 130
+SHUTDOWN_TIMEOUT_S = 60.0
 
 
 def parse_args(argv=None):
@@ -43,9 +56,35 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    setup_logging()
+def shutdown_timeout_s(cfg) -> float:
+    """The final barrier's bound: well below the collective timeout, so that a rank that failed
+    alone leaves (and says why) before its peers' collectives time out and blame a lost peer."""
+    if cfg is None:
+        return SHUTDOWN_TIMEOUT_S
+    return max(1.0, min(SHUTDOWN_TIMEOUT_S, cfg.distributed.timeout_minutes * 60.0 / 2))
+
+
+def _leave_now(code: int) -> None:
+    """Exit without Python's teardown: the process group's destructors can abort when it is broken
+    or its peers are elsewhere ("terminate called without an active exception", status -6).
+    Under mpirun, MPI_Abort(code) instead: mpirun then stops every rank and exits with ``code``."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if _mpi_initialized():
+        from propulsion_ds import distributed as dist
+
+        dist.mpi_abort(code)
+    os._exit(code)
+
+
+def _mpi_initialized() -> bool:
+    MPI = sys.modules.get("mpi4py.MPI")
+    return MPI is not None and MPI.Is_initialized() and not MPI.Is_finalized()
+
+
+def run(args) -> tuple[int, str | None, object]:
+    """Train; returns (exit code, one-line error or None, the config or None). Leaves at once on a
+    lost peer or Ctrl-C with a process group."""
     from propulsion_ds.config import ConfigError
     from propulsion_ds.config_load import load_config
 
@@ -53,7 +92,7 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, overrides)
     except ConfigError as e:
-        fail(str(e))
+        return EXIT_USAGE, str(e), None
 
     from propulsion_ds import engine
     from propulsion_ds.adapter import AdapterError
@@ -64,37 +103,89 @@ def main(argv=None) -> int:
         engine.run(cfg, overwrite=args.overwrite)
     except (ConfigError, DataError, AdapterError, CheckpointError, engine.OutputDirError,
             engine.OutputWriteError) as e:
-        fail(str(e))
+        return EXIT_USAGE, str(e), cfg
     except engine.Preempted as e:
-        fail(str(e), engine.EXIT_PREEMPTED)
+        return EXIT_PREEMPTED, str(e), cfg
     except engine.TrainingError as e:
-        fail(str(e), EXIT_STOPPED)
+        return EXIT_STOPPED, str(e), cfg
     except KeyboardInterrupt:
-        fail("interrupted; no checkpoint written for the current step (resume with --resume)",
-             EXIT_INTERRUPTED)
+        message = "interrupted; no checkpoint written for the current step (resume with --resume)"
+        if _group_formed():
+            # The other ranks were interrupted too, anywhere in a step: no barrier to meet at.
+            print(f"error: {message}", file=sys.stderr, flush=True)
+            _leave_now(EXIT_INTERRUPTED)
+        return EXIT_INTERRUPTED, message, cfg
     except OSError as e:
         where = f" {e.filename}" if getattr(e, "filename", None) else f" (output_dir {cfg.output_dir})"
         hint = "disk full" if e.errno == 28 else (e.strerror or str(e))
-        fail(f"input/output error on{where}: {hint}; the newest checkpoint is intact "
-             f"(resume with --resume)")
+        return (EXIT_USAGE, f"input/output error on{where}: {hint}; the newest checkpoint is intact "
+                            f"(resume with --resume)", cfg)
     except Exception as e:  # noqa: BLE001
         from propulsion_ds.checkpoint import is_peer_failure
 
         if not is_peer_failure(e):
             raise
-        from propulsion_ds.checkpoint import latest_step
         from pathlib import Path
+
+        from propulsion_ds.checkpoint import latest_step
 
         step = latest_step(Path(cfg.output_dir) / "checkpoints")
         text = " ".join(str(e).split())[:240]
         print(f"error: lost contact with another rank ({type(e).__name__}: {text}); the job cannot "
               f"continue. Newest checkpoint: {'step_' + str(step) if step is not None else 'none'} "
               f"(resume with --resume)", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        # The process group is broken: its C++ destructors can abort at interpreter exit
-        # ("terminate called without an active exception", status -6). Leave without them.
-        os._exit(EXIT_PEER_LOST)
-    return 0
+        # The process group is broken: leave without its destructors.
+        _leave_now(EXIT_PEER_LOST)
+    return EXIT_OK, None, cfg
+
+
+def _group_formed() -> bool:
+    if "torch" not in sys.modules:           # failed before torch was even imported
+        return False
+    import torch
+
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def finish(code: int, message: str | None, cfg=None) -> int:
+    """Print the error line (if any), end the process group in order, and return the exit code.
+
+    Returns only for an orderly exit; otherwise leaves the process here (os._exit, MPI_Abort)."""
+    if message:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    if _group_formed():
+        from propulsion_ds import distributed as dist
+
+        timeout = shutdown_timeout_s(cfg)
+        if dist.shutdown(timeout):
+            if code == EXIT_OK:
+                # The run's final line (rank 0): nothing may follow it on stderr.
+                logging.getLogger("launch.train").info("done: every rank reached the end of the run")
+            return code
+        if code == EXIT_OK:
+            print(f"warning: the run finished, but another rank did not reach the final barrier within "
+                  f"{timeout:.0f} s; leaving without tearing down the process group",
+                  file=sys.stderr, flush=True)
+        _leave_now(code)
+    if code != EXIT_OK and _mpi_initialized():
+        # Under mpirun, before the process group formed: end the MPI job with this code, rather
+        # than wait in MPI_Finalize while the other ranks wait for this one at their rendezvous.
+        _leave_now(code)
+    return code
+
+
+def main(argv=None) -> int:
+    """0 when the run finished; any other outcome raises SystemExit with its code (as fail() does)."""
+    args = parse_args(argv)
+    setup_logging()
+    if "OMPI_COMM_WORLD_RANK" in os.environ or "PMI_RANK" in os.environ:
+        from propulsion_ds import distributed as dist
+
+        dist.init_mpi()     # first, on every rank: from here on a failing rank can MPI_Abort
+    code = finish(*run(args))
+    if code != EXIT_OK:
+        sys.exit(code)
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import subprocess
 import sys
+import time
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def slurm_master_addr(nodelist: str) -> str:
@@ -97,7 +101,9 @@ def init_distributed(timeout_minutes: float = 30.0) -> None:
         _skip_shm_build()
     if torch.distributed.is_initialized():
         return
-    mpi = "OMPI_COMM_WORLD_RANK" in os.environ or "PMI_RANK" in os.environ
+    mpi = under_mpi()
+    if mpi:
+        init_mpi()      # before the rendezvous: a rank that fails in it can still mpi_abort
     single = not mpi and "RANK" not in os.environ
     if single:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
@@ -106,7 +112,24 @@ def init_distributed(timeout_minutes: float = 30.0) -> None:
     deepspeed.init_distributed(auto_mpi_discovery=mpi, verbose=False,
                                timeout=datetime.timedelta(minutes=timeout_minutes))
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(local_device_index(int(os.environ.get("LOCAL_RANK", "0")),
+                                                 torch.cuda.device_count()))
+
+
+def local_device_index(local_rank: int, device_count: int) -> int:
+    """Which of the visible GPUs this process uses.
+
+    Two cluster set-ups must both work: every task sees all of the node's GPUs (torchrun, the
+    deepspeed launcher, `srun --gpus-per-node=8` without binding): LOCAL_RANK picks one; or SLURM
+    binds one GPU per task (`--gpus-per-task=1`, `--gpu-bind=single:1`, CUDA_VISIBLE_DEVICES set per
+    task): each task sees exactly one device, index 0, while LOCAL_RANK may be 3. So: 0 when one
+    device is visible, else LOCAL_RANK modulo the visible count (more ranks than GPUs share them).
+    """
+    if device_count < 1:
+        raise ValueError(f"no GPU visible (device_count={device_count})")
+    if device_count == 1:
+        return 0
+    return local_rank % device_count
 
 
 def rank() -> int:
@@ -140,3 +163,93 @@ def all_gather_floats(value: float) -> list:
     out = [None] * world_size()
     torch.distributed.all_gather_object(out, value)
     return out
+
+
+# ------------------------------------------------------------------------------------ the end of a run
+# Store keys of the final barrier. The TCPStore, not a collective: a rank that fails alone (bad data
+# on one node) must not pair its last barrier with a collective its peers are waiting in.
+_ARRIVED, _ALL, _LEFT = "propulsion_ds/exit/arrived", "propulsion_ds/exit/all", "propulsion_ds/exit/left"
+
+
+def under_mpi(env=os.environ) -> bool:
+    return "OMPI_COMM_WORLD_RANK" in env or "PMI_RANK" in env
+
+
+def shutdown(timeout_s: float = 60.0) -> bool:
+    """The orderly end of a run on this rank: a final barrier, then destroy the process group.
+
+    Every rank calls it once, after its last collective (finished, or an error every rank raised).
+    The barrier is bounded by ``timeout_s``; True when every rank arrived and the group was destroyed.
+    False when some rank did not arrive in time (it died, or failed alone and its peers are still
+    waiting in a collective): the group is left as it is, and the caller must leave without running
+    its destructors (os._exit, or MPI Abort under mpirun). Without a process group this does nothing.
+
+    Why: the interpreter exiting with gloo/NCCL's threads alive can abort at exit ("terminate called
+    without an active exception", SIGABRT, exit 134) after a run that finished, and a rank that hosts
+    the rendezvous store (rank 0 under srun, mpirun, python) must not leave while another rank still
+    talks to it. So: all ranks arrive; each destroys its group, then says so in the store; the
+    store's host (and every other rank) leaves only after every rank has said so.
+    """
+    if not torch.distributed.is_initialized():
+        return True
+    world = torch.distributed.get_world_size()
+    if world == 1:
+        torch.distributed.destroy_process_group()
+        return True
+    try:
+        store = torch.distributed.distributed_c10d._get_default_store()
+    except Exception:  # noqa: BLE001 - a private helper; without it use the group's own barrier
+        store = None
+    if store is None:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+        return True
+    deadline = time.monotonic() + timeout_s
+    try:
+        store.set_timeout(datetime.timedelta(seconds=max(timeout_s, 1.0)))
+        if store.add(_ARRIVED, 1) == world:
+            store.set(_ALL, "1")
+        store.wait([_ALL])
+    except Exception as e:  # noqa: BLE001 - timeout, or the store's host is gone
+        log.debug("final barrier: %s", e)
+        return False
+    me = torch.distributed.get_rank()
+    # ``store`` stays referenced past the group: rank 0 may host it (srun, mpirun, the deepspeed
+    # launcher; under torchrun the agent does), and the others still need it to say they left.
+    torch.distributed.destroy_process_group()
+    try:
+        left = store.add(_LEFT, 1)
+        while me == 0 and left < world and time.monotonic() < deadline + 10.0:
+            time.sleep(0.01)
+            left = store.add(_LEFT, 0)
+    except Exception as e:  # noqa: BLE001 - the group is gone already; nothing else to wait for
+        log.debug("final barrier (leaving): %s", e)
+    del store
+    return True
+
+
+def init_mpi() -> bool:
+    """Under mpirun: initialise MPI (mpi4py) now, on every rank; True when MPI is initialised.
+
+    Call it first thing, before anything can fail: MPI_Init is collective in Open MPI (a rank that
+    initialises it alone waits for the others), so only once every rank has it can a failing rank
+    end the job with ``mpi_abort``. The process group itself still rendezvouses over TCP (env://).
+    """
+    if not under_mpi():
+        return False
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        return False
+    return MPI.Is_initialized() and not MPI.Is_finalized()
+
+
+def mpi_abort(code: int) -> None:
+    """End the whole MPI job with ``code`` (MPI_Abort) from a rank that cannot end in order: it
+    failed before the process group formed, or its peers did not reach the final barrier. mpirun
+    stops every rank and exits with ``code``, where a normal exit would wait in MPI_Finalize for
+    ranks that wait in a collective for it. Returns when MPI is not initialised in this process
+    (never initialises it: that would wait for the other ranks)."""
+    MPI = sys.modules.get("mpi4py.MPI")
+    if MPI is not None and MPI.Is_initialized() and not MPI.Is_finalized():
+        MPI.COMM_WORLD.Abort(code)

@@ -3,6 +3,11 @@
 Ranks learn their rank and world size from Open MPI (OMPI_COMM_WORLD_*); MASTER_PORT passed with
 `-x MASTER_PORT` is honoured (propulsion_ds.distributed.env_from_mpi), so this test can hold DeepSpeed's
 default port 29500 busy and still pass. Skipped when mpirun or mpi4py is not installed.
+
+A rank that fails on its own (issue 13) ends the MPI job with MPI_Abort and its own exit code, so mpirun
+exits with that code: one rank with a bad config (fails before any process group), one rank with a bad
+data file (fails after the group formed, while the other waits in a collective for it). The two ranks
+get different arguments through mpirun's MPMD form (`-np 1 A : -np 1 B`).
 """
 from __future__ import annotations
 
@@ -41,18 +46,34 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_mpirun_two_ranks(tmp_path):
+def _data(tmp_path) -> Path:
     text = (REPO / "assets" / "data" / "tinyshakespeare.txt").read_text().splitlines(keepends=True)
     data = tmp_path / "shakes.txt"
     data.write_text("".join(text[:8000]))
-    out = tmp_path / "out"
-    port = _free_port()
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MASTER_PORT=str(port))
+    return data
+
+
+def _env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MASTER_PORT=str(_free_port()))
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
         env.pop(k, None)
-    cmd = ["mpirun", "--allow-run-as-root", "-np", "2",
-           "-x", "OMP_NUM_THREADS", "-x", "DS_ACCELERATOR", "-x", "MASTER_PORT",
-           sys.executable, "launch/train.py", "--config", "configs/tiny.json",
+    return env
+
+
+MPIRUN = ["mpirun", "--allow-run-as-root", "-x", "OMP_NUM_THREADS", "-x", "DS_ACCELERATOR", "-x", "MASTER_PORT"]
+TRAIN = [sys.executable, "launch/train.py"]
+
+
+def _log(r) -> str:
+    return "\n".join(ln for ln in (r.stdout + r.stderr).splitlines()
+                     if "Warning" not in ln and "warnings.warn" not in ln)[-4000:]
+
+
+def test_mpirun_two_ranks(tmp_path):
+    data = _data(tmp_path)
+    out = tmp_path / "out"
+    env = _env()
+    cmd = [*MPIRUN, "-np", "2", *TRAIN, "--config", "configs/tiny.json",
            "--set", f"train.max_steps={STEPS}", "--set", "checkpoint.every_steps=4",
            "--set", f"eval.every_steps={STEPS}", "--set", f"data.train={data}",
            "--set", f"output_dir={out}"]
@@ -68,9 +89,9 @@ def test_mpirun_two_ranks(tmp_path):
         r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     finally:
         busy.close()
-    log = "\n".join(ln for ln in (r.stdout + r.stderr).splitlines()
-                    if "Warning" not in ln and "warnings.warn" not in ln)[-4000:]
+    log = _log(r)
     assert r.returncode == 0, log
+    assert "terminate called" not in log and "done: every rank reached the end of the run" in log, log
     assert (out / "FINISHED").read_text().strip() == str(STEPS)
     step_dir = out / "checkpoints" / f"step_{STEPS}"
     assert json.loads((step_dir / "meta.json").read_text())["world_size"] == 2
@@ -81,3 +102,41 @@ def test_mpirun_two_ranks(tmp_path):
              if ln.strip() and "loss" in json.loads(ln)]
     assert steps == list(range(1, STEPS + 1))
     print(f"mpirun -np 2: {time.monotonic() - t0:.0f} s")
+
+
+def _good_args(tmp_path, data) -> list:
+    # distributed.timeout_minutes=1: the final barrier waits at most 30 s for a peer.
+    return ["--config", "configs/tiny.json", "--set", "train.max_steps=2", "--set", f"data.train={data}",
+            "--set", "distributed.timeout_minutes=1", "--set", f"output_dir={tmp_path / 'out'}"]
+
+
+def test_rank_with_bad_config_aborts_the_job(tmp_path):
+    """Rank 1 fails before any process group: MPI_Abort(2), and mpirun exits 2 at once. A normal
+    exit would wait in MPI_Finalize while rank 0 waits for rank 1 at the rendezvous."""
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"model": {"name_or_path": "assets/stories260K"}, "bogus": 1}))
+    cmd = [*MPIRUN, "-np", "1", *TRAIN, *_good_args(tmp_path, _data(tmp_path)),
+           ":", "-np", "1", *TRAIN, "--config", str(bad)]
+    t0 = time.monotonic()
+    r = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
+    seconds = time.monotonic() - t0
+    assert r.returncode == 2, _log(r)
+    assert "error: unknown key 'bogus'" in r.stderr, _log(r)
+    assert seconds < 50, f"{seconds:.0f} s: rank 0 waited for the failed rank\n{_log(r)}"
+    print(f"bad config on rank 1: mpirun exit {r.returncode} after {seconds:.0f} s")
+
+
+def test_rank_with_bad_data_aborts_the_job_with_its_code(tmp_path):
+    """Rank 1 fails after the group formed (its data file is not text), rank 0 waits for it in a
+    collective. Rank 1's final barrier times out (30 s, half the collective timeout) and it ends the
+    job with MPI_Abort(2): mpirun exits 2, the real cause, not 1 from rank 0's collective timeout."""
+    bad = tmp_path / "binary.txt"
+    bad.write_bytes(b"\xff\xfe\x00 not text")
+    good = _good_args(tmp_path, _data(tmp_path))
+    cmd = [*MPIRUN, "-np", "1", *TRAIN, *good, ":", "-np", "1", *TRAIN, *good, "--set", f"data.train={bad}"]
+    t0 = time.monotonic()
+    r = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=400)
+    seconds = time.monotonic() - t0
+    assert r.returncode == 2, _log(r)
+    assert f"error: {bad}: not UTF-8 text" in r.stderr, _log(r)
+    print(f"bad data on rank 1: mpirun exit {r.returncode} after {seconds:.0f} s")

@@ -1,0 +1,89 @@
+"""propulsion_ds.distributed: the GPU a rank picks, and the orderly end of a process group.
+
+``shutdown`` runs in real 2-process gloo groups (subprocesses, env:// rendezvous on a free port):
+both ranks arrive -> both return True and the group is gone; one rank never arrives -> the other
+returns False within its timeout instead of waiting for the collective timeout.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from helpers import ROOT, free_port, train_env
+from propulsion_ds.distributed import local_device_index
+
+
+@pytest.mark.parametrize("local_rank, count, want", [
+    (0, 1, 0), (3, 1, 0), (7, 1, 0),          # SLURM binds one GPU per task: the only one is 0
+    (0, 8, 0), (3, 8, 3), (7, 8, 7),          # every task sees the node's 8 GPUs
+    (5, 4, 1), (2, 2, 0),                     # more ranks than visible GPUs: they share
+])
+def test_local_device_index(local_rank, count, want):
+    assert local_device_index(local_rank, count) == want
+
+
+def test_local_device_index_without_gpus():
+    with pytest.raises(ValueError, match="no GPU"):
+        local_device_index(0, 0)
+
+
+RANK_SCRIPT = textwrap.dedent("""
+    import datetime, json, os, sys, time
+    import torch
+    from propulsion_ds import distributed as dist
+    torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
+    rank = torch.distributed.get_rank()
+    mode, timeout = sys.argv[1], float(sys.argv[2])
+    torch.distributed.barrier()
+    if mode == "absent" and rank == 1:
+        time.sleep(timeout + 8)          # never reaches the final barrier in time
+        os._exit(0)
+    if rank == 1:
+        time.sleep(1.0)                  # arrives late: rank 0 (the store's host) must wait for it
+    t0 = time.monotonic()
+    ok = dist.shutdown(timeout)
+    print(json.dumps({"rank": rank, "ok": ok, "seconds": time.monotonic() - t0,
+                      "initialized": torch.distributed.is_initialized()}), flush=True)
+    sys.stdout.flush()
+    os._exit(0) if not ok else sys.exit(0)
+""")
+
+
+def _two_ranks(mode: str, timeout: float) -> dict:
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, mode, str(timeout)], cwd=ROOT,
+                              env=train_env({"RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                                             "MASTER_PORT": str(port), "LOCAL_RANK": str(r)}),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    results = {}
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-2000:]
+        assert "terminate called" not in err, err[-2000:]
+        for line in out.splitlines():
+            if line.startswith("{"):
+                rec = json.loads(line)
+                results[rec["rank"]] = rec
+    return results
+
+
+def test_shutdown_when_every_rank_arrives():
+    res = _two_ranks("both", timeout=30)
+    assert set(res) == {0, 1}
+    assert all(r["ok"] and not r["initialized"] for r in res.values()), res
+    # Rank 0 waited for rank 1 (which came 1 s late), and nobody waited for the timeout.
+    assert 0.8 < res[0]["seconds"] < 20, res
+
+
+def test_shutdown_returns_false_when_a_rank_never_arrives():
+    t0 = time.monotonic()
+    res = _two_ranks("absent", timeout=3)
+    assert set(res) == {0}
+    assert res[0]["ok"] is False and res[0]["initialized"], res
+    assert 2.5 < res[0]["seconds"] < 10, res
+    assert time.monotonic() - t0 < 60
