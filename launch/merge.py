@@ -3,8 +3,11 @@
     python launch/merge.py --base /models/llama-2-13b-hf --adapter out/run/adapter --out out/run/merged
     python launch/merge.py --base assets/stories260K --adapter out/tiny/adapter --out /tmp/merged --untie
 
-W' = z**k[:, None] W for every targeted linear (bias too), E' = E z**k[None, :] for a targeted input
-embedding. Streams one safetensors shard at a time (peak memory about one shard). A tied
+W' = z**k[:, None] W for every targeted linear (bias too: z**k * b, with the adapter's trained
+bias when it was trained with train_bias), E' = E z**k[None, :] for a targeted input embedding.
+The merged model is written in the base checkpoint's dtype (bf16 stays bf16; the fold itself is
+computed in fp32) unless --dtype says otherwise. Streams one safetensors shard at a time (peak
+memory about one shard). A tied
 embedding/lm_head pair is refused unless --untie. By default, for models under 2 GiB, the merged
 model's logits are checked against base+adapter on a few tokens (--no-verify / --verify to choose).
 Exit codes: 0 merged; 2 bad input (missing directories, an adapter for another model, tied
@@ -32,6 +35,8 @@ def parse_args(argv=None):
     v.add_argument("--verify", dest="verify", action="store_true", default=None,
                    help="check logits against base+adapter (default: on below 2 GiB of weights)")
     v.add_argument("--no-verify", dest="verify", action="store_false", help="skip the logits check")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="dtype of the merged weights (default: the base checkpoint's own)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (custom architectures)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -50,7 +55,7 @@ def main(argv=None) -> int:
     try:
         result = merge(args.base, args.adapter, args.out, untie=args.untie, verify=args.verify,
                        progress=not args.no_progress, overwrite=args.overwrite,
-                       trust_remote_code=args.trust_remote_code)
+                       trust_remote_code=args.trust_remote_code, dtype=args.dtype)
     except VerificationError as e:
         fail(str(e), 1)
     except (MergeError, AdapterError) as e:
@@ -59,8 +64,11 @@ def main(argv=None) -> int:
         fail(f"{e.filename or ''}: {e.strerror or e}".lstrip(": "))
     check = "not verified" if result.max_rel_err is None else \
         f"verified: max relative logit difference {result.max_rel_err:.2e}"
+    dtypes = "/".join(result.dtypes) or "no floating tensors"
+    biases = f", {result.trained_biases} trained biases from the adapter" if result.trained_biases else ""
     print(f"merged {result.scaled_tensors} tensors over {result.shards} shard(s) into {result.out}"
-          f"{' (lm_head untied)' if result.untied else ''}; {check}")
+          f"{' (lm_head untied)' if result.untied else ''}{biases}; dtype {dtypes} "
+          f"({'the base checkpoint' + chr(39) + 's' if args.dtype is None else '--dtype'}); {check}")
     return 0
 
 

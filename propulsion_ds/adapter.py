@@ -1,8 +1,20 @@
-"""Adapter files: the trained z of every target, as safetensors + a JSON description."""
+"""Adapter files: the trained z of every target, as safetensors + a JSON description.
+
+``propulsion.safetensors`` holds, all fp32:
+
+- ``<module>.propulsion``: z = 1 + delta of that target, shape (d_out,), or (n, d_out) when
+  ``num_vectors = n > 1`` (the model's scale is mean_i z_i**k);
+- ``<module>.bias``: only with ``train_bias = true``, the trained bias of every target that has
+  one, under the base model's own state_dict key (so ``model.load_state_dict(sd, strict=False)``
+  also takes it). Where DeepSpeed keeps an fp32 master copy (``trained_biases`` on every rank)
+  that copy is saved; otherwise the model's own value, upcast exactly to fp32. A merged model
+  holds ``z**k * trained_bias``.
+"""
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from pathlib import Path
 
@@ -15,6 +27,7 @@ WEIGHTS_FILE = "propulsion.safetensors"
 CONFIG_FILE = "propulsion_config.json"
 FORMAT_VERSION = 1
 KEY_SUFFIX = ".propulsion"
+BIAS_SUFFIX = ".bias"
 
 
 class AdapterError(ValueError):
@@ -31,10 +44,71 @@ def gathered(params, modifier_rank=None):
     return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
 
 
-def adapter_state_dict(model: nn.Module, delta: torch.Tensor | None = None) -> dict:
-    """{"<module>.propulsion": fp32 z} on CPU; shape (d_out,) or (n, d_out) if num_vectors > 1.
+def trained_bias_params(model: nn.Module) -> list:
+    """[(target name, bias parameter)] that train with ``train_bias`` (targets that have a bias)."""
+    state = _require_state(model)
+    if not state.config.train_bias:
+        return []
+    modules = dict(model.named_modules())
+    return [(s.name, modules[s.name].bias) for s in state.slots
+            if getattr(modules[s.name], "bias", None) is not None]
 
-    ``delta`` overrides the model's own tensor, e.g. DeepSpeed's fp32 master copy.
+
+def _full_shape(p: torch.Tensor) -> tuple:
+    return tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
+
+
+def _partitioned(p: torch.Tensor) -> bool:
+    return hasattr(p, "ds_id") and p.numel() != math.prod(_full_shape(p))
+
+
+def _fp32_master(p: torch.Tensor):
+    """DeepSpeed's fp32 master copy of ``p`` (a collective), or None where it keeps none."""
+    if not (hasattr(p, "_z3_optimizer") or hasattr(p, "_hp_mapping")):
+        return None
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return safe_get_full_fp32_param(p)
+
+
+def trained_biases(model: nn.Module) -> dict:
+    """{"<module>.bias": fp32 CPU tensor} of every trained bias; {} without ``train_bias``.
+
+    Collective under DeepSpeed (ZeRO-3 gathers, the fp32 master copy is assembled): EVERY rank
+    must call it, in the same order, e.g. next to the delta's own gather. Pass the result to
+    ``save_adapter(..., biases=...)`` on rank 0.
+    """
+    out = {}
+    for name, bias in trained_bias_params(model):
+        full = _fp32_master(bias)
+        if full is None:
+            with gathered([bias]):
+                full = bias.detach().float().clone()
+        out[name + BIAS_SUFFIX] = full.detach().float().cpu().reshape(_full_shape(bias))
+    return out
+
+
+def _local_biases(model: nn.Module) -> dict:
+    """The trained biases as this rank holds them, no collective (refuses partitioned ones)."""
+    out = {}
+    for name, bias in trained_bias_params(model):
+        if _partitioned(bias):
+            raise AdapterError(
+                f"train_bias: {name}.bias is partitioned (ZeRO-3); gather the biases on every rank "
+                f"with propulsion_ds.adapter.trained_biases(model) and pass save_adapter(..., biases=...)")
+        out[name + BIAS_SUFFIX] = bias.detach().float().cpu().clone()
+    return out
+
+
+def adapter_state_dict(model: nn.Module, delta: torch.Tensor | None = None,
+                       biases: dict | None = None) -> dict:
+    """{"<module>.propulsion": fp32 z} on CPU; shape (d_out,) or (n, d_out) if num_vectors > 1;
+    plus {"<module>.bias": fp32 trained bias} with ``train_bias``.
+
+    ``delta`` overrides the model's own tensor, e.g. DeepSpeed's fp32 master copy; ``biases``
+    (from ``trained_biases``) the model's biases. Without ``delta`` this is collective under
+    ZeRO-3 (every rank calls it); with ``delta`` it runs no collective (rank 0 may call it alone),
+    so partitioned biases must then come through ``biases``.
     """
     state = _require_state(model)
     param = getattr(model, DELTA_NAME)
@@ -45,13 +119,22 @@ def adapter_state_dict(model: nn.Module, delta: torch.Tensor | None = None) -> d
     for s in state.slots:
         v = z[:, s.offset:s.offset + s.size].clone()
         out[s.name + KEY_SUFFIX] = v[0] if state.config.num_vectors == 1 else v
+    if biases is None:
+        biases = trained_biases(model) if delta is None else _local_biases(model)
+    expected = {n + BIAS_SUFFIX: _full_shape(b) for n, b in trained_bias_params(model)}
+    if set(biases) != set(expected):
+        raise AdapterError(f"biases= holds {sorted(biases)[:3]}..., the model trains {sorted(expected)[:3]}...")
+    for k, shape in expected.items():
+        out[k] = biases[k].detach().float().cpu().reshape(shape)
     return out
 
 
 def _expected_shapes(model) -> dict:
     state = _require_state(model)
     n = state.config.num_vectors
-    return {s.name + KEY_SUFFIX: ((s.size,) if n == 1 else (n, s.size)) for s in state.slots}
+    shapes = {s.name + KEY_SUFFIX: ((s.size,) if n == 1 else (n, s.size)) for s in state.slots}
+    shapes.update({name + BIAS_SUFFIX: _full_shape(b) for name, b in trained_bias_params(model)})
+    return shapes
 
 
 def load_adapter_state_dict(model: nn.Module, sd: dict) -> None:
@@ -60,6 +143,11 @@ def load_adapter_state_dict(model: nn.Module, sd: dict) -> None:
     expected = _expected_shapes(model)
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
+    if missing and all(k.endswith(BIAS_SUFFIX) for k in missing) and \
+            not any(k.endswith(BIAS_SUFFIX) for k in sd):
+        raise AdapterError(f"adapter was trained with train_bias=true but holds no biases (key "
+                           f"{missing[0]!r}): it was written before propulsion_ds saved them, and "
+                           f"its trained biases are lost")
     if missing:
         raise AdapterError(f"adapter is missing key {missing[0]!r} ({len(missing)} missing in all)")
     if unexpected:
@@ -73,6 +161,9 @@ def load_adapter_state_dict(model: nn.Module, sd: dict) -> None:
         for s in state.slots:
             z = sd[s.name + KEY_SUFFIX].float().reshape(n, s.size)
             param[:, s.offset:s.offset + s.size].copy_((z - 1.0).to(param.dtype))
+    for name, bias in trained_bias_params(model):
+        with gathered([bias], modifier_rank=0), torch.no_grad():
+            bias.copy_(sd[name + BIAS_SUFFIX].to(bias.dtype))
 
 
 def _base_description(model) -> dict:
@@ -106,12 +197,18 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
-def save_adapter(model: nn.Module, directory, delta: torch.Tensor | None = None) -> Path:
-    """Write propulsion.safetensors and propulsion_config.json (rank 0 only; all ranks call it)."""
+def save_adapter(model: nn.Module, directory, delta: torch.Tensor | None = None,
+                 biases: dict | None = None) -> Path:
+    """Write propulsion.safetensors and propulsion_config.json (only rank 0 writes).
+
+    Without ``delta`` every rank calls it (ZeRO-3 gathers). With ``delta`` (DeepSpeed's fp32
+    master, gathered by the caller) it runs no collective and may run on rank 0 alone; with
+    ``train_bias`` under ZeRO-3 pass ``biases=trained_biases(model)`` (gathered on every rank) too.
+    """
     from safetensors.torch import save_file
 
     state = _require_state(model)
-    sd = adapter_state_dict(model, delta)
+    sd = adapter_state_dict(model, delta, biases)
     directory = Path(directory)
     if _is_main_rank():
         directory.mkdir(parents=True, exist_ok=True)
@@ -121,6 +218,7 @@ def save_adapter(model: nn.Module, directory, delta: torch.Tensor | None = None)
             **_base_description(model),
             "trainable_count": state.trainable_count,
             "targets": {s.name: s.size for s in state.slots},
+            "biases": {k[:-len(BIAS_SUFFIX)]: sd[k].numel() for k in sd if k.endswith(BIAS_SUFFIX)},
         }
         _atomic_write(directory / WEIGHTS_FILE,
                       lambda p: save_file({k: v.contiguous() for k, v in sd.items()}, str(p),

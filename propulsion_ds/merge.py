@@ -7,7 +7,11 @@ has several vectors per module), the merged weights are (DESIGN §1):
     Conv1D     weight (in, out)   W' = W * s[None, :]        bias b' = s * b   (GPT-2)
     Embedding  weight (num, dim)  E' = E * s[None, :]
 
-computed in fp32 and cast back to the stored dtype. Module types come from the model built on the
+computed in fp32 by ``propulsion.fold`` (the same fold as ``merge_and_unload``). With
+``train_bias`` the adapter's trained bias replaces the checkpoint's before the fold:
+b' = s * trained_b. Output dtype: every tensor keeps the base checkpoint's stored dtype (bf16
+stays bf16) unless ``dtype`` is given, which casts every floating tensor (after the fold, done in
+fp32) and sets ``dtype`` in config.json. Module types come from the model built on the
 ``meta`` device from the base ``config.json`` (no weights); the tensor of module ``a.b.c`` is
 ``a.b.c.weight``. Shards are read with ``safetensors.safe_open`` and written one by one, so the
 peak memory is about one shard. ``model.safetensors.index.json`` is rewritten; config.json,
@@ -31,9 +35,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapter import (CONFIG_FILE, KEY_SUFFIX, AdapterError, check_compatible, read_adapter_config,
-                      read_adapter_weights)
-from .propulsion import PropulsionConfig, get_state, inject
+from .adapter import (BIAS_SUFFIX, CONFIG_FILE, KEY_SUFFIX, AdapterError, check_compatible,
+                      read_adapter_config, read_adapter_weights)
+from .propulsion import PropulsionConfig, fold, get_state, inject, scale_from_delta
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +62,7 @@ class Scale:
     key: str                 # the tensor in the checkpoint
     scale: torch.Tensor      # fp32, (d_out,)
     axis: int                # the output-channel axis of that tensor
+    replace: torch.Tensor | None = None   # the adapter's trained bias, folded instead of the stored one
 
 
 @dataclass
@@ -69,6 +74,9 @@ class MergeResult:
     total_bytes: int
     max_rel_err: float | None = None
     files_copied: list = field(default_factory=list)
+    dtypes: list = field(default_factory=list)    # floating dtypes written, e.g. ["bfloat16"]
+    dtype_from: str = "base checkpoint"           # or "dtype argument"
+    trained_biases: int = 0                       # biases taken from the adapter (train_bias)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -130,11 +138,15 @@ def _find_key(name: str, suffix: str, keys, prefix: str) -> str | None:
     return next((c for c in candidates if c in keys), None)
 
 
-def channel_scales(meta: dict, weights: dict, slots) -> dict:
-    """{module name: fp32 scale} from saved z: z**k, or mean_i z_i**k (as the training hook)."""
+def adapter_scales(meta: dict, weights: dict, slots) -> tuple[dict, dict]:
+    """({module: fp32 scale}, {module: fp32 trained bias}) from an adapter's saved tensors.
+
+    The scale is ``propulsion.scale_from_delta(z - 1)``, the training hook's own formula
+    (z - 1 and 1 + (z - 1) are exact in fp32 for z in [0.5, 2], so this is z**k bit for bit).
+    """
     config = PropulsionConfig(**meta["propulsion"])
     n, k = config.num_vectors, config.degree
-    out = {}
+    scales, biases = {}, {}
     for slot in slots:
         key = slot.name + KEY_SUFFIX
         if key not in weights:
@@ -143,12 +155,14 @@ def channel_scales(meta: dict, weights: dict, slots) -> dict:
         if tuple(z.shape) != ((slot.size,) if n == 1 else (n, slot.size)):
             raise AdapterError(f"adapter key {key!r} has shape {tuple(z.shape)}, the model expects "
                                f"{(slot.size,) if n == 1 else (n, slot.size)}")
-        z = z.float().reshape(n, slot.size)
-        out[slot.name] = z[0] ** k if n == 1 else (z ** k).mean(0)
-    extra = [k for k in weights if k[:-len(KEY_SUFFIX)] not in out]
+        scales[slot.name] = scale_from_delta(z.float().reshape(n, slot.size) - 1.0, k)
+        if slot.name + BIAS_SUFFIX in weights:
+            biases[slot.name] = weights[slot.name + BIAS_SUFFIX].float()
+    known = {s + KEY_SUFFIX for s in scales} | {b + BIAS_SUFFIX for b in biases}
+    extra = [key for key in weights if key not in known]
     if extra:
         raise AdapterError(f"adapter has unexpected key {extra[0]!r}")
-    return out
+    return scales, biases
 
 
 @dataclass
@@ -181,12 +195,16 @@ def plan_merge(base: Path, adapter: Path, headers: dict, *, untie: bool,
         raise AdapterError(f"adapter's targets do not fit {base}: {e}") from None
     check_compatible(model, meta)
     state = get_state(model)
-    scales = channel_scales(meta, read_adapter_weights(adapter), state.slots)
-    if pcfg.train_bias:
-        log.warning("the adapter was trained with train_bias=true; bias values are not part of "
-                    "the adapter file, only z is merged")
-
+    scales, biases = adapter_scales(meta, read_adapter_weights(adapter), state.slots)
     modules = dict(model.named_modules())
+    if pcfg.train_bias:
+        want = [s.name for s in state.slots if getattr(modules[s.name], "bias", None) is not None]
+        missing = [n for n in want if n not in biases]
+        if missing:
+            raise AdapterError(f"adapter was trained with train_bias=true but holds no trained bias "
+                               f"{missing[0] + BIAS_SUFFIX!r}: it was written before propulsion_ds "
+                               f"saved biases, so merging it would drop them")
+
     keys = set(headers)
     prefix = getattr(model, "base_model_prefix", "") or ""
     scaled = {s.name for s in state.slots}
@@ -232,19 +250,31 @@ def plan_merge(base: Path, adapter: Path, headers: dict, *, untie: bool,
                 raise MergeError(f"base tensor {key!r} has shape {list(shape)}, adapter target "
                                  f"{slot.name!r} has {slot.size} channels: the adapter was made "
                                  f"for another model")
-            result.scales[key] = Scale(key, scales[slot.name], ax)
+            replace = None
+            if suffix == "bias" and slot.name in biases:
+                replace = biases[slot.name]
+                if tuple(replace.shape) != tuple(shape):
+                    raise AdapterError(f"adapter key {slot.name + BIAS_SUFFIX!r} has shape "
+                                       f"{tuple(replace.shape)}, base tensor {key!r} has {tuple(shape)}")
+            result.scales[key] = Scale(key, scales[slot.name], ax, replace)
     return result
 
 
 # --------------------------------------------------------------------------- output
-def _scaled(t: torch.Tensor, s: Scale) -> torch.Tensor:
-    shape = [1] * t.dim()
-    shape[s.axis] = -1
-    dt = torch.promote_types(t.dtype, torch.float32)        # fp32, or float64 for float64 weights
-    return (t.to(dt) * s.scale.to(dt).reshape(shape)).to(t.dtype).contiguous()
+def _scaled(t: torch.Tensor, s: Scale, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The folded tensor in ``dtype`` (default: its stored dtype); the fold itself in fp32+."""
+    out = t.dtype if dtype is None else dtype
+    src = t if s.replace is None else s.replace
+    if dtype is not None or s.replace is not None:
+        src = src.to(torch.promote_types(src.dtype, out))       # never round before the fold
+    return fold(src, s.scale, s.axis).to(out).contiguous()
 
 
-def _write_shard(src: Path, dst: Path, plan: _Plan) -> tuple[int, int, list]:
+def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return t if dtype is None or not t.is_floating_point() else t.to(dtype).contiguous()
+
+
+def _write_shard(src: Path, dst: Path, plan: _Plan, dtype: torch.dtype | None = None) -> tuple[int, int, list]:
     """Scale one shard into ``dst``; returns (bytes written, tensors scaled, keys written)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -255,15 +285,15 @@ def _write_shard(src: Path, dst: Path, plan: _Plan) -> tuple[int, int, list]:
         for key in f.keys():
             t = f.get_tensor(key)
             if key == plan.untie_from:
-                head = t.clone()
+                head = _cast(t.clone(), dtype)
                 if plan.untie_scale is not None:
-                    head = _scaled(head, plan.untie_scale)
+                    head = _scaled(t, plan.untie_scale, dtype)
                     nscaled += 1
                 out[plan.untie_to] = head
             if key in plan.scales:
-                t = _scaled(t, plan.scales[key])
+                t = _scaled(t, plan.scales[key], dtype)
                 nscaled += 1
-            out[key] = t
+            out[key] = _cast(t, dtype)
     metadata.setdefault("format", "pt")
     nbytes = sum(t.numel() * t.element_size() for t in out.values())
     save_file(out, str(dst), metadata=metadata)
@@ -277,6 +307,21 @@ def _untie_config(path: Path) -> None:
         if isinstance(cfg.get(sub), dict) and "tie_word_embeddings" in cfg[sub]:
             cfg[sub]["tie_word_embeddings"] = False
     path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def _set_config_dtype(path: Path, dtype: torch.dtype) -> None:
+    cfg = json.loads(path.read_text())
+    name = str(dtype).replace("torch.", "")
+    for key in ("dtype", "torch_dtype"):
+        if key in cfg or key == "dtype":
+            cfg[key] = name
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "float16",
+                      "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 
 
 def _copy_side_files(base: Path, dst: Path) -> list:
@@ -326,14 +371,20 @@ def verify_merge(base, adapter, merged, *, num_tokens: int = 12, seed: int = 0,
 # --------------------------------------------------------------------------- entry
 def merge(base, adapter, out, *, untie: bool = False, verify: bool | None = None,
           progress: bool = False, overwrite: bool = False,
-          trust_remote_code: bool = False) -> MergeResult:
+          trust_remote_code: bool = False, dtype=None) -> MergeResult:
     """Merge ``adapter`` into the model at ``base`` and write a plain model directory ``out``.
 
+    ``dtype``: None keeps every tensor's stored dtype (the base checkpoint's: bf16 stays bf16);
+    a torch dtype or "fp32" / "bf16" / "fp16" casts every floating tensor to it.
     ``verify``: None = on when the base weights are under 2 GiB; True/False forces it.
     ``overwrite``: replace an existing non-empty ``out`` (only once the new one is complete).
     Raises MergeError / AdapterError (nothing is left at ``out``), VerificationError.
     """
     base, adapter, out = Path(base), Path(adapter), Path(out)
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise MergeError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        dtype = DTYPES[dtype]
     if not base.is_dir():
         raise MergeError(f"base model directory not found: {str(base)!r}")
     if not (base / "config.json").is_file():
@@ -365,7 +416,7 @@ def merge(base, adapter, out, *, untie: bool = False, verify: bool | None = None
 
         total_bytes, nscaled, weight_map = 0, 0, {}
         for shard in tqdm(shards, desc="merging", unit="shard", disable=not progress):
-            nb, ns, written = _write_shard(shard, tmp / shard.name, plan)
+            nb, ns, written = _write_shard(shard, tmp / shard.name, plan, dtype)
             total_bytes += nb
             nscaled += ns
             weight_map.update({k: shard.name for k in written})
@@ -381,14 +432,20 @@ def merge(base, adapter, out, *, untie: bool = False, verify: bool | None = None
         untied = plan.untie_config
         if untied:
             _untie_config(tmp / "config.json")
+        if dtype is not None:
+            _set_config_dtype(tmp / "config.json", dtype)
+        stored = {SAFETENSORS_DTYPES.get(d, d) for _, d in headers.values() if d in SAFETENSORS_DTYPES}
+        written_dtypes = sorted(stored) if dtype is None else [str(dtype).replace("torch.", "")]
 
         rel = None
         if verify is None:
             verify = total_in < VERIFY_MAX_BYTES
         if verify:
             rel = verify_merge(base, adapter, tmp, trust_remote_code=trust_remote_code)
-            dtypes = {headers[s.key][1] for s in plan.scales.values()}
-            tol = 1e-5 if dtypes <= {"F32", "F64"} else TOLERANCE_16BIT
+            scaled = {SAFETENSORS_DTYPES.get(headers[s.key][1]) for s in plan.scales.values()}
+            if dtype is not None:
+                scaled = {str(dtype).replace("torch.", "")}
+            tol = 1e-5 if scaled <= {"float32", "float64"} else TOLERANCE_16BIT
             if not rel <= tol:
                 raise VerificationError(f"merged model's logits differ from base+adapter by {rel:.3g} "
                                         f"(relative, tolerance {tol:g}); nothing was written to {out}")
@@ -403,4 +460,7 @@ def merge(base, adapter, out, *, untie: bool = False, verify: bool | None = None
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return MergeResult(out=out, shards=len(shards), scaled_tensors=nscaled, untied=untied,
-                       total_bytes=total_bytes, max_rel_err=rel, files_copied=copied)
+                       total_bytes=total_bytes, max_rel_err=rel, files_copied=copied,
+                       dtypes=written_dtypes,
+                       dtype_from="base checkpoint" if dtype is None else "dtype argument",
+                       trained_biases=sum(sc.replace is not None for sc in plan.scales.values()))

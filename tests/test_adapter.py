@@ -39,8 +39,12 @@ def test_save_load_round_trip(arch, cfg, tmp_path):
     out = save_adapter(model, tmp_path / "adapter")
     assert sorted(p.name for p in out.iterdir()) == sorted([WEIGHTS_FILE, CONFIG_FILE])
     count = get_state(model).trainable_count
-    header_budget = 1024 + 128 * len(names)
-    assert (out / WEIGHTS_FILE).stat().st_size <= 4 * count + header_budget     # fp32 z, nothing else
+    modules = dict(model.named_modules())
+    biased = [n for n in names if config.train_bias and getattr(modules[n], "bias", None) is not None]
+    bias_count = sum(modules[n].bias.numel() for n in biased)
+    header_budget = 1024 + 128 * (len(names) + len(biased))
+    # fp32 z (and the trained biases with train_bias), nothing else
+    assert (out / WEIGHTS_FILE).stat().st_size <= 4 * (count + bias_count) + header_budget
 
     meta = json.loads((out / CONFIG_FILE).read_text())
     assert meta["format_version"] == FORMAT_VERSION
@@ -50,7 +54,11 @@ def test_save_load_round_trip(arch, cfg, tmp_path):
     assert list(meta["targets"]) == names
 
     weights = load_file(str(out / WEIGHTS_FILE))
-    assert set(weights) == {n + ".propulsion" for n in names}
+    assert set(weights) == {n + ".propulsion" for n in names} | {n + ".bias" for n in biased}
+    for n in biased:
+        assert weights[n + ".bias"].dtype == torch.float32
+        assert torch.equal(weights[n + ".bias"], modules[n].bias.detach().float())
+    assert meta["biases"] == {n: modules[n].bias.numel() for n in biased}
     for n in names:   # files hold z itself (paper's definition), fp32
         z = weights[n + ".propulsion"]
         assert z.dtype == torch.float32
