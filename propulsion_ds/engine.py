@@ -12,14 +12,14 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, data, distributed as dist
+from . import checkpoint, data, distributed as dist, gen_eval
 from .adapter import save_adapter
 from .config import RunConfig
 from .config_load import config_to_dict, expand_data_paths, resolve_deepspeed
 from .guards import (TEST_NAN_GRAD_ENV, TEST_NAN_LOSS_ENV, TEST_NAN_RANK_ENV, NanGrad, UpdateGuard,
                      guarded_adamw, guarded_lambda_lr, parse_counts)
 from .metrics import estimate_mfu, gpu_peak_flops, peak_memory_bytes, propulsion_stats
-from .model import load_base_model, load_tokenizer, vocab_size
+from .model import load_base_model, load_tokenizer, resolve_model_path, vocab_size
 from .propulsion import DELTA_NAME, channel_scales, inject, trainable_parameters
 from .schedule import lr_lambda
 
@@ -81,12 +81,19 @@ class Trainer:
         dist.init_distributed(cfg.distributed.timeout_minutes)
         self.rank, self.world = dist.rank(), dist.world_size()
         torch.manual_seed(cfg.train.seed)
-        self.tokenizer = load_tokenizer(cfg.tokenizer_path, cfg.model.trust_remote_code)
+        # A Hub id is fetched once (rank 0 first) or read from the local cache.
+        self.model_path = resolve_model_path(cfg.model.name_or_path, rank=self.rank, barrier=dist.barrier)
+        tok_path = (self.model_path if cfg.tokenizer.name_or_path is None else resolve_model_path(
+            cfg.tokenizer.name_or_path, rank=self.rank, barrier=dist.barrier, field="tokenizer.name_or_path"))
+        self.tokenizer = load_tokenizer(tok_path, cfg.model.trust_remote_code)
         if self.rank != 0:
             import datasets
             datasets.disable_progress_bars()
         self.pad_id = data.pad_token_id(self.tokenizer)
-        self.train_ds, self.eval_ds = data.build_datasets(cfg.data, self.tokenizer, cfg.train.seed)
+        # Tokenized once per storage domain, memory-mapped by every rank, reused by a requeued job.
+        built = data.load_or_build(cfg.data, self.tokenizer, data_cache_dir(cfg), rank=self.rank,
+                                   local_rank=int(os.environ.get("LOCAL_RANK", "0")), barrier=dist.barrier)
+        self.train_ds, self.eval_ds, self.eval_samples = built.train, built.eval, built.eval_samples
         mbs = cfg.train.micro_batch_size
         if self.eval_ds is not None and data.batches_per_epoch(len(self.eval_ds), mbs, self.world) == 0:
             raise data.DataError(f"the eval set has {len(self.eval_ds)} rows, fewer than micro_batch_size "
@@ -103,9 +110,9 @@ class Trainer:
 
         # "auto" ZeRO buckets follow the model's width (h*h, 0.9*h*h, 10*h), as the memory
         # planner assumes; without it DeepSpeed's 5e8-element defaults cost ~1 GB per GPU.
-        self.ds_config = resolve_deepspeed(cfg, self.world, _hidden_size(cfg.model),
+        self.ds_config = resolve_deepspeed(cfg, self.world, _hidden_size(self.model_path, cfg.model),
                                            total_steps=self.max_steps)
-        self.model, self._hf_ds = load_base_model(cfg.model, self.ds_config)
+        self.model, self._hf_ds = load_base_model(cfg.model, self.ds_config, self.model_path)
         data.check_vocab(self.tokenizer, vocab_size(self.model))
         self.targets = inject(self.model, cfg.propulsion)
         self.trainable = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
@@ -215,7 +222,7 @@ class Trainer:
                 lr_scheduler=lambda opt: guarded_lambda_lr(opt, schedule, self._guard))
         finally:
             self._guard.skip = False
-        stage = self.ds_config.get("zero_optimization", {}).get("stage", 0)
+        stage = self._stage = self.ds_config.get("zero_optimization", {}).get("stage", 0)
         self._fp16 = bool(self.ds_config.get("fp16", {}).get("enabled"))
         # ZeRO-0 in fp32 clips without keeping the norm (get_global_grad_norm() is None): measure
         # it ourselves at the boundary, where the gradients are already all-reduced.
@@ -355,7 +362,7 @@ class Trainer:
                     self.engine.step()
                 b = window[i]
                 sums = [sums[0] + float(loss_sum.detach()), sums[1] + target_tokens(b),
-                        sums[2] + real_tokens(b), sums[3] + float(b["input_ids"].shape[0])]
+                        sums[2] + float(data.real_tokens(b)), sums[3] + float(b["input_ids"].shape[0])]
             if applied:
                 self.bad_steps = 0
                 return sums
@@ -534,6 +541,13 @@ class Trainer:
         loss_sum, n_sum = dist.all_reduce([loss_sum, n_sum])
         loss = loss_sum / max(n_sum, 1.0)
         record = {"step": self.step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+        if ev.generate and self.eval_samples is not None:
+            result = gen_eval.generation_eval(
+                self.engine.module, self.tokenizer, self.eval_samples, ev, rank=self.rank,
+                world_size=self.world, device=self.engine.device, zero3=self._stage == 3)
+            record.update(gen_eval.log_generation(self.writer, result, self.step, run=self._rank0_io))
+            log.info("step %d eval accuracy %s (%d of %d)", self.step, result["accuracy"],
+                     result["correct"], result["n"])
         self._record(record)
         if self.writer:
             self._rank0_io(lambda: (self.writer.add_scalar("eval/loss", loss, self.step),
@@ -613,10 +627,19 @@ def _data_files(spec) -> list:
     return out
 
 
-def _hidden_size(model_cfg) -> int | None:
+def data_cache_dir(cfg: RunConfig) -> str:
+    """data.cache_dir, else $PROPULSION_CACHE/data, else ~/.cache/propulsion-ds/data (outside
+    output_dir: a bad-input run leaves output_dir untouched, and --overwrite keeps the cache)."""
+    if cfg.data.cache_dir:
+        return cfg.data.cache_dir
+    root = os.environ.get("PROPULSION_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "propulsion-ds")
+    return os.path.join(root, "data")
+
+
+def _hidden_size(path: str, model_cfg) -> int | None:
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
     config = getattr(config, "text_config", None) or config
     h = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
     return int(h) if h else None
@@ -630,13 +653,6 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def target_tokens(batch: dict) -> float:
     return float((batch["labels"][:, 1:] != -100).sum())
-
-
-def real_tokens(batch: dict) -> float:
-    """Tokens that are not padding (a packed batch has no attention_mask; pads are its row tails)."""
-    if hasattr(data, "real_tokens"):
-        return float(data.real_tokens(batch))
-    return float(batch["attention_mask"].sum())
 
 
 def _float(x):
