@@ -274,13 +274,12 @@ def _check_export(run: Path, tmp: Path, stage: int):
 @pytest.mark.slow
 def test_export_from_zero3_checkpoint_two_ranks(tmp_path):
     run = _train(tmp_path, "z3", _ds(3), "fp32")
-    _check_export(run, tmp_path, 3)
-    # Part of a 2-rank partition only: each rank's optim file holds half of the vector.
+    ours = _check_export(run, tmp_path, 3)
+    # Really partitioned: each rank's optimizer file holds half of the fp32 vector.
     from propulsion_ds.checkpoint import safe_torch_load
     part = safe_torch_load(sorted((run / "checkpoints" / "step_4").glob("*optim_states.pt"))[0])
     held = sum(t.numel() for t in part["optimizer_state_dict"]["fp32_flat_groups"])
-    assert held * 2 >= get_state(inject(load_base(ROOT / "assets" / "stories260K"),
-                                        PropulsionConfig())).trainable_count > held
+    assert held * 2 >= sum(v.numel() for v in ours.values()) > held
     # Straight from the checkpoint to peft.
     proc = export_cli("--checkpoint", run / "checkpoints" / "step_4", "--to", "peft", "--out", tmp_path / "peft")
     assert proc.returncode == 0, tail(proc.stderr)
