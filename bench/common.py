@@ -17,6 +17,9 @@ RESULTS = ROOT / "bench" / "results"
 STORIES = ROOT / "assets" / "stories260K"
 SHAKESPEARE = ROOT / "assets" / "data" / "tinyshakespeare.txt"
 ZERO3 = ROOT / "configs" / "deepspeed" / "zero3.json"
+DEEPSPEED = {2: ROOT / "configs" / "deepspeed" / "zero2.json", 3: ZERO3}
+GSM8K = Path("/work/shared/data/gsm8k_train.jsonl")
+GSM8K_SAMPLE = ROOT / "assets" / "data" / "gsm8k_sample.jsonl"
 
 # Every linear of a LLaMA decoder layer: the targets of propulsion-ds's default "all-linear".
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -53,9 +56,28 @@ def synthetic_llama_config():
     return LlamaConfig(**SYNTH_100M)
 
 
-def tokenizer():
+def smollm2_path() -> Path:
+    """The converted SmolLM2-135M-Instruct directory: $PROPULSION_SMOLLM2, else the last stdout line
+    of scripts/fetch_smollm2.sh (its contract; idempotent, instant once cached)."""
+    import subprocess
+    env = os.environ.get("PROPULSION_SMOLLM2")
+    if env:
+        return Path(env)
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "fetch_smollm2.sh")], capture_output=True, text=True)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"scripts/fetch_smollm2.sh failed (rc {proc.returncode}): "
+                         f"{(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
+    return Path(lines[-1])
+
+
+def model_path(name: str) -> Path:
+    return smollm2_path() if name == "smollm2" else STORIES
+
+
+def tokenizer(name: str = "stories260K"):
     from propulsion_ds.model import load_tokenizer
-    return load_tokenizer(str(STORIES))
+    return load_tokenizer(str(model_path(name)))
 
 
 def shakespeare(tok, max_length: int, eval_fraction: float = 0.05):
@@ -69,13 +91,14 @@ def shakespeare(tok, max_length: int, eval_fraction: float = 0.05):
     return built.train, built.eval
 
 
-def run_config(micro_batch_size: int, max_length: int, dtype: str = "fp32", max_steps: int = 100):
+def run_config(micro_batch_size: int, max_length: int, dtype: str = "fp32", max_steps: int = 100,
+               zero_stage: int = 3):
     """A RunConfig like configs/tiny.json, for resolve_deepspeed (the engine's own DS config)."""
     from propulsion_ds.config_load import config_from_dict
     raw = {"model": {"name_or_path": str(STORIES), "dtype": dtype},
            "data": {"train": str(SHAKESPEARE), "format": "text", "max_length": max_length},
            "train": {"micro_batch_size": micro_batch_size, "max_steps": max_steps, "lr": 1e-3},
-           "deepspeed": str(ZERO3)}
+           "deepspeed": str(DEEPSPEED[zero_stage])}
     return config_from_dict(raw, check_files=False)
 
 
@@ -114,6 +137,25 @@ def current_rss_bytes() -> int:
         return peak_rss_bytes()
 
 
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux: clear_refs 5)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def hwm_rss_bytes() -> int:
+    """VmHWM: peak RSS since the process started or since ``reset_peak_rss``."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return peak_rss_bytes()
+
+
 def load_average() -> float | None:
     try:
         return os.getloadavg()[0]
@@ -125,7 +167,8 @@ def machine(device: str, world: int, backend: str) -> dict:
     import torch
     info = {"date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "device": device,
             "ranks": world, "backend": backend, "cpu_cores": os.cpu_count(),
-            "platform": platform.platform(), "torch": torch.__version__, "load_avg_1m": load_average()}
+            "platform": platform.platform(), "torch": torch.__version__, "load_avg_1m": load_average(),
+            "load_avg_1_5_15": _loads()}
     if device == "cuda" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     try:
@@ -136,6 +179,23 @@ def machine(device: str, world: int, backend: str) -> dict:
     except ImportError:
         pass
     return info
+
+
+def _loads():
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def load_note(load, cores) -> str:
+    """'load 1.9 (2 cores)' plus a warning when other work competes for the cores."""
+    if load is None:
+        return "load unknown"
+    note = f"load {load:.2f} on {cores} cores"
+    if cores and load > 1.25 * cores:
+        note += " — HIGH: other processes shared the cores, timings are inflated and noisy"
+    return note
 
 
 def fmt_int(n) -> str:

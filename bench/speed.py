@@ -2,10 +2,12 @@
 
     python bench/speed.py                         # both models, 2 CPU ranks (launches torchrun itself)
     python bench/speed.py --model stories260K --steps 3 --quick     # smoke test
+    python bench/speed.py --model smollm2 --zero 2 3               # real SmolLM2-135M, ZeRO-2 and -3
     torchrun --nproc_per_node 8 bench/speed.py --device cuda        # launched by torchrun: timing only
 
-Every row uses the same DeepSpeed config (configs/deepspeed/zero3.json resolved by the engine's own
-``resolve_deepspeed``), the same model, the same micro-batches and sequence length, and the same
+Every row uses the same DeepSpeed config (configs/deepspeed/zero3.json, or zero2.json with
+``--zero 2``: the frozen base replicated, only the trainable tensors' gradients and optimizer state
+sharded; resolved by the engine's own ``resolve_deepspeed``), the same model, the same micro-batches and sequence length, and the same
 loop (``engine(**batch)``, ``engine.backward``, ``engine.step``, ``loss.item()``):
 
 - ``bare``:   frozen base, plain (not partitioned) model, forward + backward to ``inputs_embeds``
@@ -30,7 +32,13 @@ process group that builds only that row and runs a few steps; we report the peak
 right before the model is built (after imports, process group and data). On CPU those processes
 run with glibc's mmap threshold fixed at 64 KiB and trimming on, so a freed tensor leaves RSS and
 the peak follows live tensors, not the allocator's caching (repeat runs agree to ~0.2%). Launched under an
-outside torchrun, the script measures timing only (memory needs fresh processes).
+outside torchrun, the script measures timing only (memory needs fresh processes). The memory
+processes also reset the kernel's peak-RSS mark once the row is built (``train_peak``): the peak of
+the training steps alone, without the load-time peak of reading the checkpoint.
+
+MFU (``--device cuda``): nanoGPT-style, model FLOPs = 4 N per token for a frozen base (forward 2N,
+activation gradients 2N) and 6 N for full fine-tuning, over the GPUs' bf16 peak
+(``propulsion_ds.metrics``); on CPU there is no peak to divide by ("–").
 """
 from __future__ import annotations
 
@@ -60,19 +68,22 @@ MODELS = {
     # micro-batch, sequence length, warm-up steps, rounds x steps per round (>= 20 measured steps)
     "stories260K": dict(micro_batch=8, seq=128, warmup=5, rounds=40, per_round=2),
     "synth100m": dict(micro_batch=2, seq=128, warmup=2, rounds=20, per_round=2),
+    # the real SmolLM2-135M-Instruct (scripts/fetch_smollm2.sh): 10 measured steps per row
+    "smollm2": dict(micro_batch=2, seq=128, warmup=2, rounds=5, per_round=2),
 }
 
 
 # ------------------------------------------------------------------------------------ building
-def _raw_model(model_name: str):
+def _raw_model(model_name: str, dtype: str = "fp32"):
     """The base model; under an alive HfDeepSpeedConfig (ZeRO-3) transformers builds it in zero.Init."""
     import torch
     from transformers import AutoModelForCausalLM
     torch.manual_seed(0)
-    if model_name == "stories260K":
-        model = AutoModelForCausalLM.from_pretrained(str(common.STORIES), dtype=torch.float32)
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    if model_name in ("stories260K", "smollm2"):
+        model = AutoModelForCausalLM.from_pretrained(str(common.model_path(model_name)), dtype=dt)
     else:
-        model = AutoModelForCausalLM.from_config(common.synthetic_llama_config(), dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(common.synthetic_llama_config(), dtype=dt)
     model.config.use_cache = False
     return model
 
@@ -103,15 +114,15 @@ class _EmbedScale:
         return output * self.root.bench_scale
 
 
-def build_model(row: str, model_name: str):
+def build_model(row: str, model_name: str, dtype: str = "fp32"):
     """(model, trainable params) for one row; the bare row must be built before HfDeepSpeedConfig."""
     import torch
     from torch import nn
-    model = _raw_model(model_name)
+    model = _raw_model(model_name, dtype)
     for p in model.parameters():
         p.requires_grad_(False)
     if row == "floor":
-        model.register_parameter("bench_scale", nn.Parameter(torch.ones(1)))
+        model.register_parameter("bench_scale", nn.Parameter(torch.ones(1, dtype=model.dtype)))
         model.get_input_embeddings().register_forward_hook(_EmbedScale(model))
     elif row in ("propulsion", "prop_slice"):
         from propulsion_ds import PropulsionConfig, inject
@@ -138,10 +149,10 @@ def build_model(row: str, model_name: str):
 class Row:
     """One row's model (and engine) plus its step function and measured step times."""
 
-    def __init__(self, name, model_name, ds_config, device):
+    def __init__(self, name, model_name, ds_config, device, dtype="fp32"):
         import torch
         self.name, self.times, self.cpu_times = name, [], []
-        self.model, params = build_model(name, model_name)
+        self.model, params = build_model(name, model_name, dtype)
         self.trainable = common.count_trainable(self.model)
         self.engine = None
         if name == "bare":
@@ -158,7 +169,8 @@ class Row:
             with __import__("torch").no_grad():
                 emb = self.embed(batch["input_ids"])
             emb.requires_grad_(True)
-            out = self.model(inputs_embeds=emb, attention_mask=batch["attention_mask"], labels=batch["labels"])
+            rest = {k: v for k, v in batch.items() if k != "input_ids"}   # labels, position_ids or mask
+            out = self.model(inputs_embeds=emb, **rest)
             out.loss.backward()
             return out.loss.item()
         out = self.engine(**batch)
@@ -206,7 +218,7 @@ class Row:
 def make_batches(model_name, micro_batch, seq, rank, world, device, n):
     """This rank's first ``n`` micro-batches of tinyshakespeare (identical for every row)."""
     from propulsion_ds import data
-    tok = common.tokenizer()
+    tok = common.tokenizer(model_name)
     train, _ = common.shakespeare(tok, seq)
     pad = data.pad_token_id(tok)
     plan = data.epoch_batches(train, micro_batch, rank, world, seed=0, epoch=0)
@@ -229,7 +241,8 @@ def _setup(args):
         device = torch.device("cpu")
     from propulsion_ds.config_load import resolve_deepspeed
     spec = settings(args)
-    ds_config = resolve_deepspeed(common.run_config(spec["micro_batch"], spec["seq"]), world)
+    ds_config = resolve_deepspeed(common.run_config(spec["micro_batch"], spec["seq"], args.dtype,
+                                                    zero_stage=args.zero[0]), world)
     return rank, world, device, ds_config, spec
 
 
@@ -258,16 +271,17 @@ def worker_time(args) -> None:
     rows_wanted = args.rows
     n_steps = spec["warmup"] + spec["rounds"] * spec["per_round"]
     batches = make_batches(args.model, spec["micro_batch"], spec["seq"], rank, world, device, n_steps)
-    tokens = sum(float(b["attention_mask"].sum()) for b in batches) / len(batches) * world
+    from propulsion_ds.data import real_tokens
+    tokens = sum(float(real_tokens(b)) for b in batches) / len(batches) * world
 
     rows = {}
     if "bare" in rows_wanted:                      # before HfDeepSpeedConfig: a plain model
-        rows["bare"] = Row("bare", args.model, ds_config, device)
+        rows["bare"] = Row("bare", args.model, ds_config, device, args.dtype)
     from transformers.integrations import HfDeepSpeedConfig
     keepalive = HfDeepSpeedConfig(ds_config)        # noqa: F841  (transformers holds a weakref)
     for name in rows_wanted:
         if name != "bare":
-            rows[name] = Row(name, args.model, ds_config, device)
+            rows[name] = Row(name, args.model, ds_config, device, args.dtype)
     order = [r for r in ORDER if r in rows]
     losses = {r: [] for r in order}
 
@@ -301,8 +315,14 @@ def worker_time(args) -> None:
                      "step_times_s": times, "median_step_s": statistics.median(times),
                      "cpu_times_s": cpu, "median_cpu_s": statistics.median(cpu),
                      "tokens_per_step": tokens, "first_loss": losses[name][0], "last_loss": losses[name][-1]}
+    any_row = rows.get("floor") or next(iter(rows.values()))
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in any_row.model.parameters()) \
+        - (any_row.trainable if any_row.name != "full" else 0)
     if rank == 0:
-        result = {"model": args.model, "settings": spec, "ds_config": ds_config,
+        from propulsion_ds.metrics import gpu_peak_flops
+        result = {"model": args.model, "settings": spec, "ds_config": ds_config, "zero_stage": args.zero[0],
+                  "dtype": args.dtype, "n_params": n_params,
+                  "peak_flops_per_device": gpu_peak_flops() if device.type == "cuda" else None,
                   "machine": common.machine(device.type, world, tdist.get_backend()), "rows": out}
         common.write_json(Path(args.out), result)
     tdist.barrier()
@@ -326,17 +346,33 @@ def worker_memory(args) -> None:
     if name != "bare":
         from transformers.integrations import HfDeepSpeedConfig
         keepalive = HfDeepSpeedConfig(ds_config)    # noqa: F841
-    row = Row(name, args.model, ds_config, device)
+    row = Row(name, args.model, ds_config, device, args.dtype)
+    gc.collect()
+    # The training steps' own peak, without the load peak (checkpoint pages, conversion copies).
+    if device.type == "cuda":
+        built = torch.cuda.memory_allocated()
+        load_peak = torch.cuda.max_memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        built = common.current_rss_bytes()
+        load_peak = common.hwm_rss_bytes()
+        common.reset_peak_rss()
     for i in range(n):
         row.step(batches[i])
     tdist.barrier()
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else common.peak_rss_bytes()
-    peaks = [0.0] * world
-    bases = [0.0] * world
-    peaks[rank], bases[rank] = float(peak), float(base)
-    peaks, bases = _gather_max(peaks), _gather_max(bases)
+    if device.type == "cuda":
+        train_peak = torch.cuda.max_memory_allocated()
+        peak = max(train_peak, load_peak)
+    else:
+        train_peak = common.hwm_rss_bytes()
+        peak = common.peak_rss_bytes()          # ru_maxrss: whole life, is not reset
+    vals = [0.0] * (4 * world)
+    vals[4 * rank:4 * rank + 4] = [float(peak), float(base), float(train_peak), float(built)]
+    vals = _gather_max(vals)
+    pick = lambda j: [vals[4 * r + j] for r in range(world)]  # noqa: E731
     if rank == 0:
-        common.write_json(Path(args.out), {"row": name, "peak_per_rank": peaks, "base_per_rank": bases,
+        common.write_json(Path(args.out), {"row": name, "peak_per_rank": pick(0), "base_per_rank": pick(1),
+                                           "train_peak_per_rank": pick(2), "built_per_rank": pick(3),
                                            "kind": "max_memory_allocated" if device.type == "cuda" else "peak RSS"})
     tdist.barrier()
 
@@ -350,6 +386,10 @@ def settings(args) -> dict:
         spec["seq"] = args.seq
     if args.quick:
         spec.update(warmup=1, rounds=1)
+    if args.rounds:
+        spec["rounds"] = args.rounds
+    if args.warmup is not None:
+        spec["warmup"] = args.warmup
     if args.steps:                                  # measured steps per row
         spec["per_round"] = max(1, -(-args.steps // spec["rounds"]))
     return spec
@@ -365,9 +405,9 @@ def _torchrun(args, worker: str, rows: list, out: Path) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(args.nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), __file__, "--worker", worker,
            "--model", args.model, "--device", args.device, "--out", str(out), "--rows", *rows,
-           "--memory-steps", str(args.memory_steps)]
-    for flag in ("steps", "micro_batch", "seq"):
-        if getattr(args, flag):
+           "--memory-steps", str(args.memory_steps), "--zero", str(args.zero[0]), "--dtype", args.dtype]
+    for flag in ("steps", "micro_batch", "seq", "rounds", "warmup"):
+        if getattr(args, flag) is not None:
             cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     if args.quick:
         cmd.append("--quick")
@@ -401,6 +441,12 @@ def summarize(result: dict, memory: dict | None) -> dict:
         times = sorted(r["step_times_s"])
         r["p25_step_s"], r["p75_step_s"] = times[len(times) // 4], times[(3 * len(times)) // 4]
         r["tokens_per_s"] = r["tokens_per_step"] / t
+        peak, n = result.get("peak_flops_per_device"), result.get("n_params")
+        r["mfu"] = None
+        if peak and n:
+            from propulsion_ds.metrics import flops_per_token
+            world = result["machine"]["ranks"]
+            r["mfu"] = flops_per_token(n, trainable_weights=name == "full") * r["tokens_per_s"] / (peak * world)
         r["x_bare"] = t / bare if bare else None
         r["x_floor"] = t / floor if floor else None
         if memory and name in memory:
@@ -409,6 +455,11 @@ def summarize(result: dict, memory: dict | None) -> dict:
             r["peak_mem_all_ranks"] = m["peak_per_rank"]
             r["mem_over_base"] = max(p - b for p, b in zip(m["peak_per_rank"], m["base_per_rank"]))
             r["memory_kind"] = m["kind"]
+            if "train_peak_per_rank" in m:
+                r["train_peak_per_rank"] = max(m["train_peak_per_rank"])
+                r["train_peak_all_ranks"] = m["train_peak_per_rank"]
+                r["base_all_ranks"] = m["base_per_rank"]
+                r["train_over_base"] = max(p - b for p, b in zip(m["train_peak_per_rank"], m["base_per_rank"]))
     if memory and "floor" in memory:
         fl = rows["floor"]
         for r in rows.values():
@@ -442,8 +493,14 @@ def table(result: dict) -> str:
     kind = next((r["memory_kind"] for r in rows.values() if "memory_kind" in r), "peak RSS")
     headers = ["row", "trainable", "optimizer state / rank", "median step (ms) [p25–p75]", "tokens/s",
                "× bare", "× floor", "× floor, paired", "CPU ms/step", "CPU × floor"]
+    mfu = any(r.get("mfu") for r in rows.values())
+    if mfu:
+        headers.append("MFU")
+    train = any("train_peak_per_rank" in r for r in rows.values())
     if mem:
         headers += [f"{kind} / rank", "Δ over process base", "mem × floor"]
+    if mem and train:
+        headers += ["training-steps peak / rank", "Δ over process base (steps)"]
     out = []
     for name in ORDER:
         if name not in rows:
@@ -457,9 +514,13 @@ def table(result: dict) -> str:
                 f"{r['x_floor_paired']:.3f}" if r.get("x_floor_paired") is not None else "–",
                 f"{1e3 * r['median_cpu_s']:.1f}",
                 "–" if r["x_floor_cpu"] is None else f"{r['x_floor_cpu']:.3f}"]
+        if mfu:
+            line.append("–" if not r.get("mfu") else f"{100 * r['mfu']:.1f} %")
         if mem:
             line += [common.fmt_bytes(r.get("peak_mem_per_rank")), common.fmt_bytes(r.get("mem_over_base")),
                      f"{r['mem_vs_floor']:.3f}" if "mem_vs_floor" in r else "–"]
+        if mem and train:
+            line += [common.fmt_bytes(r.get("train_peak_per_rank")), common.fmt_bytes(r.get("train_over_base"))]
         out.append(line)
     return common.markdown_table(headers, out)
 
@@ -493,7 +554,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_xticks(list(x), [SHORT[r] for r in rows], fontsize=7)
     ax.set_ylabel("median step time (ms), bars: p25–p75")
     m, st = result["machine"], result["settings"]
-    ax.set_title(f"{result['model']}: ZeRO-3, {m['ranks']} ranks, {m['device']}, micro-batch "
+    ax.set_title(f"{result['model']}: ZeRO-{result.get('zero_stage', 3)}, {m['ranks']} ranks, {m['device']}, micro-batch "
                  f"{st['micro_batch']} × {st['seq']} tokens", fontsize=9)
     if mem:
         ax2 = axes[0][1]
@@ -520,6 +581,14 @@ def main(argv=None) -> int:
     ap.add_argument("--micro-batch", dest="micro_batch", type=int, default=None)
     ap.add_argument("--seq", type=int, default=None)
     ap.add_argument("--memory-steps", type=int, default=5, help="steps run in each fresh memory process")
+    ap.add_argument("--zero", type=int, nargs="+", default=[3], choices=[2, 3],
+                    help="ZeRO stage(s): 3 partitions the frozen base; 2 replicates it and shards only "
+                         "the trainable tensors' state. Several: one run each, then a side-by-side table")
+    ap.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="default: fp32 on CPU, bf16 on cuda")
+    ap.add_argument("--rounds", type=int, default=None, help="measured rounds (default: the model's)")
+    ap.add_argument("--warmup", type=int, default=None, help="warm-up steps per row (default: the model's)")
+    ap.add_argument("--memory-rows", dest="memory_rows", nargs="+", default=None, choices=ORDER,
+                    help="rows measured in fresh memory processes (default: all --rows)")
     ap.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory runs")
     ap.add_argument("--quick", action="store_true", help="1 warm-up step, 1 round (smoke test)")
     ap.add_argument("--out-dir", default=str(common.RESULTS))
@@ -530,6 +599,8 @@ def main(argv=None) -> int:
     if args.device is None:
         import torch
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.dtype is None:
+        args.dtype = "bf16" if args.device == "cuda" else "fp32"
 
     if args.worker == "time":
         worker_time(args)
@@ -557,42 +628,109 @@ def main(argv=None) -> int:
             args.nproc = torch.cuda.device_count()
         else:
             args.nproc = 2
+    stages = list(dict.fromkeys(args.zero))
     for model in models:
         args.model = model
-        with tempfile.TemporaryDirectory() as tmp:
-            t0 = time.time()
-            _torchrun(args, "time", args.rows, Path(tmp) / "time.json")
-            result = json.loads((Path(tmp) / "time.json").read_text())
-            memory = None
-            if not args.no_memory:
-                memory = {}
-                for row in args.rows:
-                    path = Path(tmp) / f"mem_{row}.json"
-                    _torchrun(args, "memory", [row], path)
-                    memory[row] = json.loads(path.read_text())
-            result["wall_s"] = time.time() - t0
-            result["memory_method"] = None if memory is None else (
-                "each row in a fresh process group: peak per rank after warm-up + "
-                f"{args.memory_steps} steps; Δ = peak − RSS before the model build"
-                + ("; glibc MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0 MALLOC_ARENA_MAX=2 "
-                   "so freed tensors leave RSS" if args.device == "cpu" else ""))
-        _report(summarize(result, memory), args)
+        by_stage = {}
+        for stage in stages:
+            args.zero = [stage]
+            by_stage[stage] = _run_model(args)
+            _report(by_stage[stage], args, tagged=len(stages) > 1 or stage != 3)
+        if len(stages) > 1:
+            _report_stages(by_stage, args)
     return 0
 
 
-def _report(result: dict, args) -> None:
+def _run_model(args) -> dict:
+    """One ZeRO stage: the timing process group, then a fresh one per row for memory."""
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.time()
+        _torchrun(args, "time", args.rows, Path(tmp) / "time.json")
+        result = json.loads((Path(tmp) / "time.json").read_text())
+        memory = None
+        if not args.no_memory:
+            memory = {}
+            for row in (args.memory_rows or args.rows):
+                path = Path(tmp) / f"mem_{row}.json"
+                _torchrun(args, "memory", [row], path)
+                memory[row] = json.loads(path.read_text())
+        result["wall_s"] = time.time() - t0
+        result["memory_method"] = None if memory is None else (
+            "each row in a fresh process group: peak per rank after warm-up + "
+            f"{args.memory_steps} steps; Δ = peak − RSS before the model build"
+            + ("; glibc MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0 MALLOC_ARENA_MAX=2 "
+               "so freed tensors leave RSS" if args.device == "cpu" else "")
+            + "; training-steps peak: the peak mark reset after the row is built")
+        result["load_avg_end"] = common.load_average()
+    return summarize(result, memory)
+
+
+def _report(result: dict, args, tagged: bool = False) -> None:
     out_dir = Path(args.out_dir)
-    suffix = "_quick" if args.quick else ""
+    suffix = (f"_zero{result['zero_stage']}" if tagged else "") + ("_quick" if args.quick else "")
     common.write_json(out_dir / f"speed_{result['model']}{suffix}.json", result)
     plot(result, out_dir / f"speed_{result['model']}{suffix}.png")
     m = result["machine"]
-    print(f"\n### {result['model']} — {m['device']}, {m['ranks']} ranks, {m['backend']}, {m['date']}, "
-          f"load {m['load_avg_1m']}, micro-batch {result['settings']['micro_batch']} × seq "
+    print(f"\n### {result['model']} — ZeRO-{result.get('zero_stage', 3)}, {result.get('dtype', 'fp32')}, "
+          f"{m['device']}{' ' + m['gpu'] if m.get('gpu') else ''}, {m['ranks']} ranks, {m['backend']}, {m['date']}, "
+          f"{common.load_note(m['load_avg_1m'], m['cpu_cores'])} (1/5/15 min {m.get('load_avg_1_5_15')}; "
+          f"{result.get('load_avg_end')} at the end), micro-batch {result['settings']['micro_batch']} × seq "
           f"{result['settings']['seq']}, {len(next(iter(result['rows'].values()))['step_times_s'])} "
           f"measured steps per row\n")
     print(table(result))
     if result.get("targets"):
         print("\ntargets:", json.dumps(result["targets"]))
+    sys.stdout.flush()
+
+
+def compare_stages(by_stage: dict) -> dict:
+    """ZeRO-2 (replicated frozen base) against ZeRO-3, row by row, each against its own run's bare
+    forward+backward; ``floor_overhead_removed``: the share of ZeRO-3's floor-over-bare cost that
+    the replicated base does not pay, (x3 - x2) / (x3 - 1) with x = floor / bare."""
+    z2, z3 = by_stage[2]["rows"], by_stage[3]["rows"]
+    rows = {}
+    for name in ORDER:
+        if name in z2 and name in z3:
+            a, b = z3[name], z2[name]
+            rows[name] = {"zero3_ms": 1e3 * a["median_step_s"], "zero2_ms": 1e3 * b["median_step_s"],
+                          "zero3_x_bare": a["x_bare"], "zero2_x_bare": b["x_bare"],
+                          "zero2_over_zero3": b["median_step_s"] / a["median_step_s"],
+                          "zero3_mem": a.get("train_peak_per_rank"), "zero2_mem": b.get("train_peak_per_rank"),
+                          "zero3_opt": a["optimizer_state_bytes_per_rank"],
+                          "zero2_opt": b["optimizer_state_bytes_per_rank"]}
+    out = {"rows": rows}
+    f = rows.get("floor")
+    if f and f["zero3_x_bare"] and f["zero2_x_bare"] and f["zero3_x_bare"] > 1:
+        out["floor_overhead_removed"] = (f["zero3_x_bare"] - f["zero2_x_bare"]) / (f["zero3_x_bare"] - 1)
+    return out
+
+
+def stages_table(cmp: dict) -> str:
+    headers = ["row", "ZeRO-3 ms/step", "× bare", "ZeRO-2 ms/step", "× bare", "ZeRO-2 / ZeRO-3",
+               "optimizer state / rank Z3 / Z2", "training-steps peak RSS / rank Z3 / Z2"]
+    out = []
+    for name, r in cmp["rows"].items():
+        xb = lambda v: "–" if v is None else f"{v:.2f}"    # noqa: E731
+        out.append([LABELS[name], f"{r['zero3_ms']:.0f}", xb(r["zero3_x_bare"]), f"{r['zero2_ms']:.0f}",
+                    xb(r["zero2_x_bare"]), f"{r['zero2_over_zero3']:.3f}",
+                    f"{common.fmt_bytes(r['zero3_opt'])} / {common.fmt_bytes(r['zero2_opt'])}",
+                    f"{common.fmt_bytes(r['zero3_mem'])} / {common.fmt_bytes(r['zero2_mem'])}"])
+    return common.markdown_table(headers, out)
+
+
+def _report_stages(by_stage: dict, args) -> None:
+    cmp = compare_stages(by_stage)
+    m2, m3 = by_stage[2]["machine"], by_stage[3]["machine"]
+    cmp["machines"] = {"zero2": m2, "zero3": m3}
+    suffix = "_quick" if args.quick else ""
+    common.write_json(Path(args.out_dir) / f"speed_{args.model}_zero2_vs_zero3{suffix}.json", cmp)
+    print(f"\n### {args.model}: ZeRO-3 (partitioned base) vs ZeRO-2 (replicated frozen base) — "
+          f"{m3['date']} / {m2['date']}, {common.load_note(m3['load_avg_1m'], m3['cpu_cores'])} / "
+          f"{common.load_note(m2['load_avg_1m'], m2['cpu_cores'])}\n")
+    print(stages_table(cmp))
+    if "floor_overhead_removed" in cmp:
+        print(f"\nthe replicated base removes {100 * cmp['floor_overhead_removed']:.0f}% of the ZeRO-3 engine "
+              f"floor's cost over a bare forward+backward")
     sys.stdout.flush()
 
 
