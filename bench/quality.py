@@ -2,6 +2,15 @@
 
     python bench/quality.py                 # default: 200 steps, LR sweep per method, 3 seeds
     python bench/quality.py --quick         # smoke test: a few steps, one LR, one seed
+    python bench/quality.py --task gsm8k    # the real SmolLM2-135M-Instruct on GSM8K train problems
+                                            # (one seed, one LR per method: see GSM8K_LRS)
+
+GSM8K task (``--task gsm8k``, model SmolLM2-135M-Instruct from scripts/fetch_smollm2.sh): the
+first ``--train-rows`` (256) problems of GSM8K's train split are the training data, the next
+``--eval-rows`` (64) the held-back eval set, each a user/assistant chat rendered with the model's own
+ChatML template and trained on the assistant turn only (``data.format: chat``); eval loss is the
+token-weighted mean over the held-back answers. Rows come from ../shared/data/gsm8k_train.jsonl
+(or, without it, assets/data/gsm8k_sample.jsonl, whose 300 rows are the same split's first 300).
 
 Plain PyTorch, one process per run (``--jobs`` runs side by side, one thread each); the data are
 the project's own pipeline (``propulsion_ds.data.build_datasets``: tinyshakespeare packed to
@@ -59,6 +68,14 @@ METHODS = {
     "full": ("full fine-tuning", [1e-3, 3e-3, 1e-2]),
 }
 DEFAULT_METHODS = [m for m in METHODS if m != "norms"]
+GSM8K_METHODS = ["prop_k15", "prop_all", "ia3", "lora", "full"]
+# One LR per method for the 135M run (a sweep does not fit 2 CPU cores): the stories260K sweep's
+# picks for the scale methods (k acts as an LR multiplier, so the same per-step change of z**k),
+# and the usual small-model fine-tuning rates for LoRA and full fine-tuning.
+# A first try at 3e-3 for k=15 (stories260K's pick) raised SmolLM2's eval loss from 1.63 to 2.65
+# in 2 steps: a pretrained model's z**15 cannot move 4.5% per step; 5e-4 moves it ~0.75%, and
+# IA3 (z**1) at 15x that LR takes the same step.
+GSM8K_LRS = {"prop_k15": 5e-4, "prop_all": 5e-4, "ia3": 7.5e-3, "lora": 5e-4, "full": 2e-5}
 LR_LADDER = sorted(m * 10.0 ** e for e in range(-7, 2) for m in (1, 3))
 
 
@@ -70,20 +87,54 @@ def _neighbour(lr: float, up: bool) -> float:
 
 
 _DATA = {}
+TASK = {"name": "shakespeare", "model": "stories260K", "train_rows": 256, "eval_rows": 64}
 
 
 # ------------------------------------------------------------------------------------ one run
+def gsm8k_rows(n_train: int, n_eval: int):
+    """(train, eval) chat rows: GSM8K train problems [0, n_train) and [n_train, n_train + n_eval)."""
+    import json as _json
+    src = common.GSM8K if common.GSM8K.is_file() else common.GSM8K_SAMPLE
+    rows = []
+    with open(src) as f:
+        for line in f:
+            r = _json.loads(line)
+            q, a = (r["question"], r["answer"]) if "question" in r else (r["instruction"], r["output"])
+            rows.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+            if len(rows) >= n_train + n_eval:
+                break
+    if len(rows) < n_train + n_eval:
+        raise SystemExit(f"{src}: {len(rows)} rows, need {n_train} train + {n_eval} eval")
+    return rows[:n_train], rows[n_train:], str(src)
+
+
 def _data(max_length: int):
-    if max_length not in _DATA:
+    key = (TASK["name"], max_length)
+    if key not in _DATA:
         from propulsion_ds import data
-        tok = common.tokenizer()
-        train, ev = common.shakespeare(tok, max_length)
-        _DATA[max_length] = (train, ev, data.pad_token_id(tok))
-    return _DATA[max_length]
+        tok = common.tokenizer(TASK["model"])
+        if TASK["name"] == "gsm8k":
+            import json as _json
+            import tempfile
+            from propulsion_ds.config import DataConfig
+            train_rows, eval_rows, _ = gsm8k_rows(TASK["train_rows"], TASK["eval_rows"])
+            tmp = Path(tempfile.mkdtemp(prefix="gsm8k_"))
+            for name, rows in (("train", train_rows), ("eval", eval_rows)):
+                (tmp / f"{name}.jsonl").write_text("".join(_json.dumps(r) + "\n" for r in rows))
+            cfg = DataConfig(train=str(tmp / "train.jsonl"), eval=str(tmp / "eval.jsonl"), format="chat",
+                             max_length=max_length, packing=True)
+            built = data.build_datasets(cfg, tok, seed=0)
+            train, ev = built.train, built.eval
+        else:
+            train, ev = common.shakespeare(tok, max_length)
+        _DATA[key] = (train, ev, data.pad_token_id(tok))
+    return _DATA[key]
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, task: dict | None = None) -> None:
     import torch
+    if task:
+        TASK.update(task)
     os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
     common.quiet()
@@ -149,12 +200,12 @@ def run_one(method: str, lr: float, seed: int, steps: int, micro_batch: int, max
 
     train, ev, pad = _data(max_length)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(str(common.STORIES), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(common.model_path(TASK["model"])), dtype=torch.float32)
     model.config.use_cache = False
     model = apply_method(model, method)
     params = [p for p in model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)
-    curve = [(0, evaluate(model, ev, pad, micro_batch, eval_batches))]
+    curve = [(0, evaluate(model, ev, pad, micro_batch, eval_batches))] if eval_every <= steps else []
     t0 = time.perf_counter()
     if params and steps:
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -213,8 +264,26 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=2, help="runs side by side (one thread each)")
     ap.add_argument("--no-extend", action="store_true", help="do not extend a grid whose best LR is on its edge")
     ap.add_argument("--quick", action="store_true", help="smoke test: few steps, middle LR, one seed, small eval")
+    ap.add_argument("--task", default="shakespeare", choices=["shakespeare", "gsm8k"],
+                    help="shakespeare: stories260K on tinyshakespeare; gsm8k: SmolLM2-135M on GSM8K chats")
+    ap.add_argument("--train-rows", dest="train_rows", type=int, default=256)
+    ap.add_argument("--eval-rows", dest="eval_rows", type=int, default=64)
+    ap.add_argument("--lr", dest="lrs", action="append", default=[], metavar="METHOD=LR",
+                    help="use this one LR for METHOD (no sweep); repeatable")
     ap.add_argument("--out-dir", default=str(common.RESULTS))
     args = ap.parse_args(argv)
+    fixed = {}
+    for item in args.lrs:
+        m, _, v = item.partition("=")
+        if m not in METHODS or not v:
+            ap.error(f"--lr {item!r}: expected METHOD=LR with METHOD one of {', '.join(METHODS)}")
+        fixed[m] = float(v)
+    if args.task == "gsm8k":
+        TASK.update(name="gsm8k", model="smollm2", train_rows=args.train_rows, eval_rows=args.eval_rows)
+        if argv is None and "--methods" not in sys.argv:
+            args.methods = list(GSM8K_METHODS)
+        fixed = {**{m: GSM8K_LRS[m] for m in args.methods if m in GSM8K_LRS}, **fixed}
+        args.seeds, args.no_extend = 1, True
     if args.quick:
         args.steps = min(args.steps, 6)
         args.seeds, args.eval_every, args.eval_batches, args.warmup = 1, 3, 2, 1
@@ -225,7 +294,8 @@ def main(argv=None) -> int:
     _data(args.max_length)                         # tokenize once here; workers hit the datasets cache
 
     ctx = mp.get_context("spawn")
-    pool = cf.ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx, initializer=_init_worker, initargs=(1,))
+    pool = cf.ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx, initializer=_init_worker,
+                                  initargs=(1, dict(TASK)))
     run_kw = dict(steps=args.steps, micro_batch=args.micro_batch, max_length=args.max_length,
                   eval_every=args.eval_every, eval_batches=args.eval_batches or None, warmup=args.warmup)
     t_start = time.time()
@@ -241,7 +311,8 @@ def main(argv=None) -> int:
             print(f"  {r['method']:9s} lr={r['lr']:.0e} seed={r['seed']} eval={r['eval_loss']:.4f}", flush=True)
 
     # 1) LR sweep on seed 0 (base: one evaluation).
-    grids = {m: (METHODS[m][1][1:2] if args.quick else list(METHODS[m][1])) for m in args.methods}
+    grids = {m: ([fixed[m]] if m in fixed else METHODS[m][1][1:2] if args.quick else list(METHODS[m][1]))
+             if METHODS[m][1] else [] for m in args.methods}
     collect([submit("base", 0.0, 0)] + [submit(m, lr, 0) for m in args.methods for lr in grids[m]])
     # 2) one step past the edge where the best LR sits on it.
     if not args.no_extend:
@@ -265,7 +336,7 @@ def main(argv=None) -> int:
     pool.shutdown()
 
     result = summarize(args, runs, grids, best_lr, time.time() - t_start)
-    suffix = "_quick" if args.quick else ""
+    suffix = ("_gsm8k_smollm2" if TASK["name"] == "gsm8k" else "") + ("_quick" if args.quick else "")
     out_dir = Path(args.out_dir)
     common.write_json(out_dir / f"quality{suffix}.json", result)
     plot(result, out_dir / f"quality_curves{suffix}.png")
@@ -312,17 +383,24 @@ def summarize(args, runs, grids, best_lr, wall_s) -> dict:
     return dict(settings=dict(steps=args.steps, micro_batch=args.micro_batch, max_length=args.max_length,
                               warmup=args.warmup, schedule="cosine", optimizer="AdamW(wd=0), clip 1.0",
                               seeds=args.seeds, eval_every=args.eval_every, quick=args.quick,
-                              curve_eval_batches=args.eval_batches or None,
-                              eval="last 5% of tinyshakespeare's lines, packed, token-weighted mean loss"),
+                              curve_eval_batches=args.eval_batches or None, task=TASK["name"], model=TASK["model"],
+                              eval=("GSM8K train problems [%d, %d) held back (chat, assistant tokens), "
+                                    "token-weighted mean loss; trained on [0, %d)"
+                                    % (TASK["train_rows"], TASK["train_rows"] + TASK["eval_rows"], TASK["train_rows"])
+                                    if TASK["name"] == "gsm8k" else
+                                    "last 5% of tinyshakespeare's lines, packed, token-weighted mean loss")),
                 machine=common.machine("cpu", 1, "none") | {"jobs": args.jobs, "threads_per_job": 1},
                 wall_s=wall_s, base_eval_loss=base_loss, methods=methods)
 
 
 def header(result) -> str:
     s, m = result["settings"], result["machine"]
-    return (f"### stories260K -> tinyshakespeare: {s['steps']} steps x micro-batch {s['micro_batch']} x "
+    what = ("SmolLM2-135M-Instruct -> GSM8K chats" if s.get("task") == "gsm8k"
+            else "stories260K -> tinyshakespeare")
+    return (f"### {what}: {s['steps']} steps x micro-batch {s['micro_batch']} x "
             f"{s['max_length']} tokens, {s['seeds']} seed(s); CPU, {m['jobs']} runs side by side, "
-            f"1 thread each; {m['date']}, load {m['load_avg_1m']}, {result['wall_s'] / 60:.1f} min")
+            f"1 thread each; {m['date']}, {common.load_note(m['load_avg_1m'], m['cpu_cores'])}, "
+            f"{result['wall_s'] / 60:.1f} min")
 
 
 def table(result) -> str:
@@ -359,7 +437,8 @@ def plot(result, path: Path) -> None:
     sub = result["settings"].get("curve_eval_batches")
     ax.set_ylabel("eval loss (held-out tinyshakespeare" + (f", first {sub} batches)" if sub else ")"))
     s = result["settings"]
-    ax.set_title(f"stories260K -> tinyshakespeare, mean ± std over {s['seeds']} seed(s)", fontsize=10)
+    what = "SmolLM2-135M-Instruct -> GSM8K" if s.get("task") == "gsm8k" else "stories260K -> tinyshakespeare"
+    ax.set_title(f"{what}, mean ± std over {s['seeds']} seed(s)", fontsize=10)
     ax.legend(fontsize=6.5, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
