@@ -43,8 +43,8 @@ RANK_SCRIPT = textwrap.dedent("""
     if mode == "absent" and rank == 1:
         time.sleep(timeout + 8)          # never reaches the final barrier in time
         os._exit(0)
-    if rank == 1:
-        time.sleep(1.0)                  # arrives late: rank 0 (the store's host) must wait for it
+    if mode == f"late{rank}":
+        time.sleep(1.0)                  # arrives late: the other rank must wait for it
     t0 = time.monotonic()
     ok = dist.shutdown(timeout)
     print(json.dumps({"rank": rank, "ok": ok, "seconds": time.monotonic() - t0,
@@ -72,12 +72,15 @@ def _two_ranks(mode: str, timeout: float) -> dict:
     return results
 
 
-def test_shutdown_when_every_rank_arrives():
-    res = _two_ranks("both", timeout=30)
+@pytest.mark.parametrize("late", [0, 1])
+def test_shutdown_when_every_rank_arrives(late):
+    res = _two_ranks(f"late{late}", timeout=30)
     assert set(res) == {0, 1}
     assert all(r["ok"] and not r["initialized"] for r in res.values()), res
-    # Rank 0 waited for rank 1 (which came 1 s late), and nobody waited for the timeout.
-    assert 0.8 < res[0]["seconds"] < 20, res
+    # The early rank waited for the late one (1 s), and nobody waited for the timeout. Rank 0
+    # hosts the store: whichever rank is late, it is the last to leave.
+    early = res[1 - late]
+    assert 0.8 < early["seconds"] < 20, res
 
 
 def test_shutdown_returns_false_when_a_rank_never_arrives():
