@@ -45,7 +45,7 @@ def _data(path, **kw):
     return d
 
 
-def run_probe(tmp_path, data: dict, cache_dir, per_rank_cache=False, tag="run"):
+def run_probe(tmp_path, data: dict, cache_dir, per_rank_cache=False, tag="run", ok=True):
     out = tmp_path / tag
     out.mkdir()
     spec = tmp_path / f"{tag}.json"
@@ -54,6 +54,8 @@ def run_probe(tmp_path, data: dict, cache_dir, per_rank_cache=False, tag="run"):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), str(PROBE), str(spec), str(out)]
     proc = subprocess.run(cmd, env=train_env(), capture_output=True, text=True, timeout=300)
+    if not ok:
+        return proc
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
@@ -114,3 +116,12 @@ def test_single_process_build_error_and_num_proc(tmp_path, data_file, tok, caplo
     built = load_or_build(DataConfig(**_data(data_file, num_proc=2)), tok, str(tmp_path / "c"))
     ref = build_datasets(DataConfig(**_data(data_file)), tok)
     assert built.built and built.train[:] == ref.train[:] and built.eval[:] == ref.eval[:]
+
+
+def test_a_failed_build_stops_both_ranks_without_a_hang(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": \n')
+    proc = run_probe(tmp_path, _data(bad, eval_fraction=0.0), tmp_path / "cache", ok=False)  # timeout=300 s
+    assert proc.returncode != 0
+    assert "bad.jsonl:2: not valid JSON" in proc.stderr  # rank 0's own error
+    assert "was not built" in proc.stderr               # rank 1: its builder failed
