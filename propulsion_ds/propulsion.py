@@ -96,14 +96,14 @@ def scale_from_delta(delta: torch.Tensor, degree: int) -> torch.Tensor:
 
 
 class _Propel(torch.autograd.Function):
-    """y' = y * s with s = mean_i (1 + delta[i, lo:hi])**k, in one autograd node per target.
+    """y' = y * s with s = mean_i (1 + d_i)**k, d = delta[:, lo:hi] (a view), one node per target.
 
     The scale is computed here, from the delta as it is at this call, by every target on every
     call: nothing is cached, so a submodule called on its own, a delta written in place (also
     through ``.data``, which autograd's version counter cannot see), a second backward, gradient
-    accumulation and both kinds of activation checkpointing all read the current delta. One node
-    instead of autograd's slice/add/pow/mul chain keeps the per-target cost to one Python call and
-    a few small kernels (DESIGN §3: under ZeRO-3 the bookkeeping, not the FLOPs, is the cost).
+    accumulation and both kinds of activation checkpointing all read the current delta. One
+    Python node per target (autograd's slice backward, in C++, scatters the slice's gradient into
+    the whole delta) keeps the per-target cost to a few small kernels (DESIGN §3).
 
     y in the working dtype (``promote(y.dtype, s.dtype)``, i.e. fp32 y with an fp32 scale) is
     scaled IN PLACE and only y' is saved (often shared with what the next op saves anyway:
@@ -111,49 +111,49 @@ class _Propel(torch.autograd.Function):
     exact for any normal, finite s; a degenerate channel (|z**k| below ~1e-30, or inf/nan) gives a
     non-finite gradient, which the trainer's NaN guard turns into a skipped step, never a silent
     wrong update. Otherwise (a bf16 y) y' is a new tensor and y is saved in its own dtype.
-    Saved for the delta's gradient: z = 1 + delta[:, lo:hi] (n x d_out, tiny), not the delta.
+    Also saved: z = 1 + d (n x d_out, tiny), for the delta's gradient.
     """
 
     @staticmethod
-    def forward(ctx, y, delta, lo, hi, degree, inplace):
-        z = 1.0 + delta[:, lo:hi].to(torch.promote_types(delta.dtype, torch.float32))
-        s = z[0] ** degree if z.shape[0] == 1 else (z ** degree).mean(0)
-        dtype = torch.promote_types(y.dtype, s.dtype)
-        inplace = inplace and y.dtype == dtype
-        ctx.inplace, ctx.y_dtype, ctx.degree, ctx.lo, ctx.hi = inplace, y.dtype, degree, lo, hi
-        ctx.delta_shape, ctx.delta_dtype = delta.shape, delta.dtype
-        s = s if s.dtype == dtype else s.to(dtype)
+    def forward(ctx, y, d, degree, inplace):
+        z = (d if d.dtype == torch.float32 or d.dtype == torch.float64 else d.float()) + 1.0
+        s = z ** degree if z.shape[0] == 1 else (z ** degree).mean(0, keepdim=True)   # (1, d_out)
+        if s.dtype != y.dtype and torch.promote_types(y.dtype, s.dtype) != s.dtype:
+            s = s.to(torch.promote_types(y.dtype, s.dtype))
+        ctx.degree, ctx.y_dtype = degree, y.dtype
+        ctx.inplace = inplace = inplace and y.dtype == s.dtype
         if inplace:
             ctx.mark_dirty(y)
-            out = y.mul_(s)
-            ctx.save_for_backward(out, s, z)
-            return out
+            y.mul_(s)
+            ctx.save_for_backward(y, s, z)
+            return y
         ctx.save_for_backward(y, s, z)
-        return y * s if y.dtype == dtype else (y.to(dtype) * s).to(y.dtype)
+        return y * s if y.dtype == s.dtype else (y.to(s.dtype) * s).to(y.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         y, s, z = ctx.saved_tensors
         if grad.dtype != s.dtype:
             grad = grad.to(s.dtype)
-        grad_y = grad_delta = None
+        grad_y = grad_d = None
         if ctx.needs_input_grad[0]:
             grad_y = grad * s
             if ctx.y_dtype != s.dtype:
                 grad_y = grad_y.to(ctx.y_dtype)
         if ctx.needs_input_grad[1]:
-            dims = tuple(range(grad.dim() - 1))
-            grad_s = (grad * (y if y.dtype == s.dtype else y.to(s.dtype))).sum(dims)
-            if ctx.inplace:
-                grad_s = grad_s / s
             k, n = ctx.degree, z.shape[0]
-            # d/dz_i mean_i z_i**k = k z_i**(k-1) / n  (the same formula as autograd's pow)
-            grad_z = grad_s.to(z.dtype) * (k * z ** (k - 1) if k > 1 else torch.ones_like(z))
-            if n > 1:
-                grad_z = grad_z / n
-            grad_delta = grad_z.new_zeros(ctx.delta_shape, dtype=ctx.delta_dtype)
-            grad_delta[:, ctx.lo:ctx.hi] = grad_z
-        return grad_y, grad_delta, None, None, None, None
+            gy = (grad * (y if y.dtype == s.dtype else y.to(s.dtype))).flatten(0, -2).sum(0)
+            # d s / d z_i = k z_i**(k-1) / n; with y' = y s saved, sum(g y) = sum(g y') / s, and
+            # for n = 1 z**(k-1) / s = 1 / z: grad = sum(g y') * k / z (two small kernels).
+            if ctx.inplace and n == 1:
+                grad_d = (gy * k).to(z.dtype) / z
+            else:
+                if ctx.inplace:
+                    gy = gy / s
+                grad_d = gy.to(z.dtype) * (k * z ** (k - 1) if k > 1 else torch.ones_like(z))
+                if n > 1:
+                    grad_d = grad_d / n
+        return grad_y, grad_d, None, None
 
 
 class _ScaleHook:
@@ -175,7 +175,7 @@ class _ScaleHook:
                 f"{DELTA_NAME} (deepspeed.zero.GatheredParameters) before calling a submodule")
         inplace = output.is_floating_point() and not output._is_view()
         if torch.is_grad_enabled() and (delta.requires_grad or output.requires_grad):
-            return _Propel.apply(output, delta, self.lo, self.hi, self.degree, inplace)
+            return _Propel.apply(output, delta[:, self.lo:self.hi], self.degree, inplace)
         with torch.no_grad():
             s = scale_from_delta(delta[:, self.lo:self.hi], self.degree)
             dtype = torch.promote_types(output.dtype, s.dtype)
