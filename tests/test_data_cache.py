@@ -111,8 +111,8 @@ def test_single_process_build_error_and_num_proc(tmp_path, data_file, tok, caplo
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": \n')
     with pytest.raises(DataError, match=r"bad\.jsonl:2: not valid JSON"):
-        load_or_build(DataConfig(train=str(bad), format="instruction"), tok, str(tmp_path / "c"))
-    assert not [p for p in (tmp_path / "c").iterdir()]  # nothing half-written
+        load_or_build(DataConfig(train=str(bad), format="instruction"), tok, str(tmp_path / "out" / "c"))
+    assert not (tmp_path / "out").exists()  # bad input leaves no trace: not even the directories
     built = load_or_build(DataConfig(**_data(data_file, num_proc=2)), tok, str(tmp_path / "c"))
     ref = build_datasets(DataConfig(**_data(data_file)), tok)
     assert built.built and built.train[:] == ref.train[:] and built.eval[:] == ref.eval[:]

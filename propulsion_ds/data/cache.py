@@ -100,6 +100,11 @@ def cache_key(fp: dict) -> str:
 
 def _build(cfg, tokenizer, final: str, fp: dict, rank: int) -> None:
     parent = os.path.dirname(final)
+    created = []  # directories made here, removed again if the build fails (bad input leaves no trace)
+    d = parent
+    while not os.path.isdir(d):
+        created.append(d)
+        d = os.path.dirname(d)
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".tmp-{os.path.basename(final)}-{socket.gethostname()}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -128,6 +133,14 @@ def _build(cfg, tokenizer, final: str, fp: dict, rank: int) -> None:
             if not os.path.isdir(final):
                 raise
             logger.info("data cache: %s appeared meanwhile; keeping it", final)  # another builder won
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for d in created:  # deepest first; stops at the first that is not empty
+            try:
+                os.rmdir(d)
+            except OSError:
+                break
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     logger.info("data cache: built %s in %.1f s", final, time.time() - t0)
