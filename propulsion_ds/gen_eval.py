@@ -21,7 +21,6 @@ Used from ``Trainer.evaluate`` (one call each):
 """
 from __future__ import annotations
 
-import logging
 import math
 import re
 from dataclasses import dataclass
@@ -31,11 +30,13 @@ import torch
 
 from .data import IGNORE_INDEX
 
-log = logging.getLogger(__name__)
-
 METRICS = ("marker", "exact", "none")
 N_EXAMPLES = 4            # prompt / reference / generation triples kept for the logs
-DEFAULT_BATCH_SIZE = 8    # prompts per generate call (left-padded); see the module docstring
+# Prompts per generate call, left-padded. Under ZeRO-3 every forward gathers every weight, so fewer,
+# wider calls win: 2 ranks, CPU, stories260K partitioned, 16 GSM8K prompts x 32 new tokens took
+# 54.8 s one prompt at a time, 14.9 s in batches of 4, 8.7 s in batches of 8 (one call per rank).
+# Left padding gave the same tokens as unpadded prompts on every row checked (tests).
+DEFAULT_BATCH_SIZE = 16
 
 
 @dataclass

@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,22 +60,32 @@ def main() -> None:
     with torch.no_grad():             # still a plain tensor: deepspeed.initialize partitions it
         getattr(model, DELTA_NAME).copy_(torch.load(args.delta))
     params = trainable_parameters(model)
+    # lr 0: the training step below runs ZeRO-3's whole forward/backward/step cycle (release,
+    # re-partition, its recorded module trace) without moving the vectors the references used.
     engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config,
-                                      optimizer=torch.optim.AdamW(params, lr=1e-3))
+                                      optimizer=torch.optim.AdamW(params, lr=0.0, weight_decay=0.0))
     module = engine.module
     module.generation_config.eos_token_id = [int(t) for t in args.eos.split(",")]
-    module.train()                      # as the trainer leaves it: generation_eval must switch to eval
 
     rows = [json.loads(line) for line in Path(args.rows).read_text().splitlines()]
+    row = rows[rank % len(rows)]
+    engine.train()                      # generation comes between training steps in the trainer
+    out = engine(input_ids=torch.tensor([row["input_ids"]]), labels=torch.tensor([row["labels"]]))
+    engine.backward(out.loss)
+    engine.step()
+
     cfg = EvalConfig(generate=True, generate_samples=len(rows), max_new_tokens=args.max_new_tokens,
                      metric=args.metric)
     d = getattr(module, DELTA_NAME)
     assert hasattr(d, "ds_id"), "the delta should be a ZeRO-3 parameter after deepspeed.initialize"
     results = {}
     for bs in (int(b) for b in args.batch_sizes.split(",")):
+        dist.barrier()
+        start = time.perf_counter()
         res = gen_eval.generation_eval(module, tok, rows, cfg, rank=rank, world_size=world,
                                        device=engine.device, zero3=True, batch_size=bs)
-        results[str(bs)] = {**res, "training_after": module.training}
+        results[str(bs)] = {**res, "training_after": module.training,
+                            "seconds": time.perf_counter() - start}
     if rank == 0:
         Path(args.out).write_text(json.dumps({"world": world, "partitioned": partitioned,
                                               "results": results}))

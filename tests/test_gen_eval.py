@@ -167,6 +167,23 @@ def test_generation_equals_plain_generate(adapted, base, rows, tok):
     assert sum(a != b for a, b in zip(plain, want)) >= 6
 
 
+def test_generate_batch_ids_cache_and_early_stop(rows, tok):
+    """Token ids equal plain generate's, rows that stop early (".") carry no trailing pads, and
+    every step after the prompt feeds one token: the cache is on although the model says no (a
+    checkpoint saved with use_cache=False, as training leaves it, gets that generation config)."""
+    model = _base()
+    model.generation_config.eos_token_id = [2, PERIOD]
+    model.generation_config.use_cache = False
+    prompts = [s.prompt_ids for s in gen_eval.split_samples(rows, tok)][:4]
+    want = [plain_generate(model, p, 24) for p in prompts]       # no cache: the slow reference
+    assert len({len(w) for w in want}) > 1 and min(len(w) for w in want) < 24
+    widths = []
+    model.register_forward_pre_hook(lambda m, a, kw: widths.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    got = gen_eval.generate_batch(model, prompts, max_new_tokens=24, pad_id=2, device="cpu", synced_gpus=False)
+    assert got == want
+    assert widths[0] == max(len(p) for p in prompts) and set(widths[1:]) == {1}
+
+
 def _scored_rows(model, prompts, wrong, max_new_tokens, tok):
     """Rows whose reference IS the single-process greedy output, except rows in ``wrong``."""
     out = []
