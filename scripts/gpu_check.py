@@ -186,7 +186,7 @@ def step_smollm2(work: Path, s: dict, model: Path | None, why: str, device: str)
            "propulsion": {"degree": 15, "targets": "all-linear"},
            "data": {"train": str(work / "chat.jsonl"), "format": "chat", "max_length": s["smol_len"],
                     "packing": True, "eval_fraction": 0.1},
-           "train": {"lr": 0.002, "warmup_steps": 2, "schedule": "cosine", "max_steps": s["smol_steps"],
+           "train": {"lr": 5e-4, "warmup_steps": 2, "schedule": "cosine", "max_steps": s["smol_steps"],
                      "micro_batch_size": s["smol_mbs"], "seed": 0},
            "eval": {"every_steps": max(1, s["smol_steps"] // 2), "max_batches": 8},
            "checkpoint": {"every_steps": 1000}, "output_dir": str(out),
