@@ -401,8 +401,8 @@ def layout_zero(layout: str, cluster: Cluster, hidden: int) -> ZeroSettings:
     """The ZeRO settings of a shipped layout, "auto" buckets filled from ``hidden`` as the engine does."""
     buckets = dict(reduce_bucket_size=hidden * hidden, prefetch_bucket_size=int(0.9 * hidden * hidden),
                    persistence_threshold=10 * hidden)
-    if layout == "replicated":
-        return ZeroSettings(stage=2, overlap_comm=True, **buckets)
+    if layout == "replicated":            # the stage-3 settings do not apply: defaults
+        return ZeroSettings(stage=2, overlap_comm=True, reduce_bucket_size=hidden * hidden)
     if layout == "zero3":
         return ZeroSettings(stage=3, overlap_comm=True, **buckets)
     if layout == "zero3_hpz":

@@ -296,11 +296,14 @@ def test_shipped_layout_configs_are_what_the_planner_assumes(tmp_path, layout):
     try:
         cfg = load_config(ROOT / "configs/llama7b.json", advice_overrides, check_files=False)
         ds = resolve_deepspeed(cfg, c.gpus, shape.hidden_size)
+        ds1 = resolve_deepspeed(cfg, 1, shape.hidden_size)   # DeepSpeedConfig without a process group
     finally:
         os.chdir(cwd)
     got, want = ZeroSettings.from_deepspeed(ds), layout_zero(layout, c, shape.hidden_size)
     assert got == want
-    DeepSpeedConfig(copy.deepcopy(ds), world_size=c.gpus)
+    dsc = DeepSpeedConfig(ds1)
+    assert dsc.zero_optimization_stage == want.stage
+    assert dsc.zero_config.zero_hpz_partition_size == want.hpz_partition_size
 
 
 def test_cli_prints_the_layout_advice():
