@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import uuid
 from dataclasses import dataclass
 from typing import Optional
 
@@ -37,10 +39,11 @@ class Built:
         return iter((self.train, self.eval))
 
 
-def _rows(samples: datasets.Dataset, cfg, name: str) -> datasets.Dataset:
+def _rows(samples: datasets.Dataset, cfg, name: str, work: Work) -> datasets.Dataset:
     if not cfg.packing:
         return samples
-    return pack(samples, cfg.max_length, name, split_long=cfg.format == "text")
+    out = os.path.join(work.work_dir, f"packed-{uuid.uuid4().hex}.arrow") if work.work_dir else None
+    return pack(samples, cfg.max_length, name, split_long=cfg.format == "text", out_file=out)
 
 
 def build_datasets(cfg, tokenizer, seed: int = 0, cache_dir: Optional[str] = None,
@@ -72,11 +75,11 @@ def build_datasets(cfg, tokenizer, seed: int = 0, cache_dir: Optional[str] = Non
         raw, raw_eval = raw.select(range(n - n_eval)), raw.select(range(n - n_eval, n))
         eval_name, eval_txt = f"{train_name} [last {n_eval} of {n} rows]", txt
         logger.info("eval: last %d of %d rows of %s", n_eval, n, train_name)
-    train = _rows(tokenize(raw, cfg, tokenizer, train_name, txt, work), cfg, train_name)
+    train = _rows(tokenize(raw, cfg, tokenizer, train_name, txt, work), cfg, train_name, work)
     ev = ev_samples = None
     if raw_eval is not None:
         ev_samples = tokenize(raw_eval, cfg, tokenizer, eval_name, eval_txt, work)
-        ev = _rows(ev_samples, cfg, eval_name)
+        ev = _rows(ev_samples, cfg, eval_name, work)
         if cfg.packing and cfg.format == "text":  # whole documents were kept for packing
             ev_samples = truncate(ev_samples, cfg.max_length)
     logger.info("train: %d rows%s", len(train), f"; eval: {len(ev)} rows" if ev is not None else "")

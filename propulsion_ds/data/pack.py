@@ -66,14 +66,13 @@ def _flat(ds: datasets.Dataset, column: str) -> tuple[np.ndarray, np.ndarray]:
     """(values, lengths) of a list column, as numpy, honouring any indices mapping."""
     col = ds.with_format("arrow")[:][column] if ds._indices is not None else ds.data.column(column)
     lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False).astype(np.int64)
-    values = pc.list_flatten(col).to_numpy(zero_copy_only=False)
+    # int32 before numpy: half the memory of the int64 the tokenizing maps write
+    values = pc.cast(pc.list_flatten(col), pa.int32()).to_numpy(zero_copy_only=False)
     return values, lengths
 
 
 def _list_array(values: np.ndarray, offsets: np.ndarray) -> pa.Array:
-    big = offsets[-1] >= 2**31
-    off = pa.array(offsets.astype(np.int64 if big else np.int32))
-    return (pa.LargeListArray if big else pa.ListArray).from_arrays(off, pa.array(values))
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values))
 
 
 def split_documents(starts: np.ndarray, lengths: np.ndarray, max_length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -88,12 +87,14 @@ def split_documents(starts: np.ndarray, lengths: np.ndarray, max_length: int) ->
     return p_start[keep], p_len[keep]
 
 
-def pack(samples: datasets.Dataset, max_length: int, name: str, split_long: bool = False) -> datasets.Dataset:
+def pack(samples: datasets.Dataset, max_length: int, name: str, split_long: bool = False,
+         out_file: Optional[str] = None) -> datasets.Dataset:
     """Pack tokenized samples (``input_ids``/``labels``) into rows of at most ``max_length``.
 
     ``split_long`` (text): a sample longer than ``max_length`` becomes several documents;
     otherwise every sample must already fit. Returns a dataset with ``input_ids``, ``labels`` and
-    ``position_ids`` (int32 lists), one packed row each.
+    ``position_ids`` (int32 lists), one packed row each; in memory, or memory-mapped from
+    ``out_file`` (an arrow stream written here) when given.
     """
     ids, lengths = _flat(samples, "input_ids")
     labels, _ = _flat(samples, "labels")
@@ -103,7 +104,7 @@ def pack(samples: datasets.Dataset, max_length: int, name: str, split_long: bool
     elif len(lengths) and lengths.max() > max_length:
         raise ValueError(f"{name}: a sample has {lengths.max()} tokens, more than max_length={max_length}")
     # a document's first label is never a target once packed: keep only documents with another one
-    csum = np.concatenate([[0], np.cumsum(labels != IGNORE_INDEX)])
+    csum = np.concatenate([[0], np.cumsum(labels != IGNORE_INDEX, dtype=np.int32 if len(labels) < 2**31 else np.int64)])
     keep = csum[starts + lengths] - csum[np.minimum(starts + 1, starts + lengths)] > 0
     if not keep.all():
         logger.warning("%s: %d documents dropped: no target token after the first", name, int((~keep).sum()))
@@ -111,25 +112,42 @@ def pack(samples: datasets.Dataset, max_length: int, name: str, split_long: bool
     if not len(lengths):
         raise DataError(f"{name}: no document left to pack")
     rows = best_fit_decreasing(lengths, max_length)
-
-    # Gather the documents in row order into one flat buffer (vectorised: no per-token Python).
-    order = np.fromiter((d for r in rows for d in r), dtype=np.int64, count=len(lengths))
-    doc_len = lengths[order]
-    dst_start = np.cumsum(doc_len) - doc_len
-    total = int(doc_len.sum())
-    gather = np.arange(total, dtype=np.int64) + np.repeat(starts[order] - dst_start, doc_len)
-    out_ids = ids[gather].astype(np.int32)
-    out_labels = labels[gather].astype(np.int32)
-    out_labels[dst_start] = IGNORE_INDEX
-    positions = (np.arange(total, dtype=np.int64) - np.repeat(dst_start, doc_len)).astype(np.int32)
     counts = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
-    offsets = np.concatenate([[0], np.cumsum(np.add.reduceat(doc_len, np.cumsum(counts) - counts))])
-
+    order = np.fromiter((d for r in rows for d in r), dtype=np.int64, count=len(lengths))
+    total = int(lengths.sum())
     logger.info("%s: packed %d documents (%d tokens) into %d rows of <= %d tokens (%.1f%% full)",
                 name, len(lengths), total, len(rows), max_length, 100.0 * total / (len(rows) * max_length))
-    table = pa.table({"input_ids": _list_array(out_ids, offsets), "labels": _list_array(out_labels, offsets),
-                      "position_ids": _list_array(positions, offsets)})
-    return datasets.Dataset(table)
+    # Gather the documents in row order, a chunk of rows at a time (vectorised, bounded memory);
+    # with out_file the chunks stream to an arrow file that is then memory-mapped.
+    chunks = _row_chunks(ids, labels, starts, lengths, order, counts, max(1, min(65536, 2**30 // max_length)))
+    if out_file is None:
+        return datasets.Dataset(pa.Table.from_batches(list(chunks)))
+    first = next(chunks)
+    with pa.OSFile(out_file, "wb") as sink, pa.ipc.new_stream(sink, first.schema) as writer:
+        writer.write_batch(first)
+        for batch in chunks:
+            writer.write_batch(batch)
+    return datasets.Dataset.from_file(out_file)
+
+
+def _row_chunks(ids, labels, starts, lengths, order, counts, chunk_rows):
+    """Record batches of ``chunk_rows`` packed rows (< 2**30 tokens each: int32 list offsets)."""
+    doc_edges = np.concatenate([[0], np.cumsum(counts)])
+    for r0 in range(0, len(counts), chunk_rows):
+        r1 = min(r0 + chunk_rows, len(counts))
+        docs = order[doc_edges[r0]:doc_edges[r1]]
+        doc_len = lengths[docs]
+        dst_start = np.cumsum(doc_len) - doc_len
+        n = int(doc_len.sum())
+        gather = np.arange(n, dtype=np.int64) + np.repeat(starts[docs] - dst_start, doc_len)
+        out_ids = ids[gather].astype(np.int32)
+        out_labels = labels[gather].astype(np.int32)
+        out_labels[dst_start] = IGNORE_INDEX
+        positions = (np.arange(n, dtype=np.int64) - np.repeat(dst_start, doc_len)).astype(np.int32)
+        c = counts[r0:r1]
+        offsets = np.concatenate([[0], np.cumsum(np.add.reduceat(doc_len, np.cumsum(c) - c))])
+        yield pa.record_batch([_list_array(out_ids, offsets), _list_array(out_labels, offsets),
+                               _list_array(positions, offsets)], names=["input_ids", "labels", "position_ids"])
 
 
 def truncate(samples: datasets.Dataset, max_length: int) -> datasets.Dataset:
