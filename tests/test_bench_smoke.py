@@ -84,3 +84,39 @@ def test_speed_summary_and_table_from_a_fixed_result():
     assert s["targets"]["opt_state_ge_10x_smaller_than_lora"] and s["targets"]["memory_le_1.02x_floor"]
     text = speed.table(s)
     assert text.count("\n") == 6 and "propulsion-ds k=15" in text
+
+
+def test_zero_stage_comparison_from_fixed_results():
+    """The side-by-side table and the share of the ZeRO-3 floor a replicated base removes."""
+    def row(t):
+        return {"median_step_s": t, "x_bare": None, "optimizer_state_bytes_per_rank": 16}
+    z3 = {"bare": row(1.0), "floor": row(2.2), "propulsion": row(2.25)}
+    z2 = {"bare": row(1.0), "floor": row(1.3), "propulsion": row(1.32)}
+    for rows in (z3, z2):
+        for r in rows.values():
+            r["x_bare"] = r["median_step_s"] / rows["bare"]["median_step_s"]
+    cmp = speed.compare_stages({2: {"rows": z2}, 3: {"rows": z3}})
+    assert cmp["floor_overhead_removed"] == pytest.approx((2.2 - 1.3) / (2.2 - 1))
+    assert cmp["rows"]["propulsion"]["zero2_over_zero3"] == pytest.approx(1.32 / 2.25)
+    assert speed.stages_table(cmp).count("\n") == 4
+
+
+def test_memory_check_compares_planner_with_measured_delta():
+    """bench/memory_check.py: the planner's total for the run's own DeepSpeed config against
+    (training-steps peak - process baseline); a measurement 5% over passes, 20% over fails."""
+    from bench import memory_check
+    from propulsion_ds.memory import model_shape
+    shape = model_shape(ROOT / "assets/stories260K/config.json")
+    ds = {"zero_optimization": {"stage": 3, "reduce_bucket_size": 4096, "stage3_prefetch_bucket_size": 3686,
+                                "stage3_param_persistence_threshold": 640}}
+    plan = memory_check.estimate(shape, ds, 2, "propulsion", 128, 8, 4)
+    def result(factor):
+        return {"settings": {"seq": 128, "micro_batch": 8}, "dtype": "fp32", "ds_config": ds,
+                "machine": {"ranks": 2},
+                "rows": {"propulsion": {"train_over_base": factor * plan.total_gpu, "base_all_ranks": [1e8, 1e8],
+                                        "train_peak_per_rank": 1e8 + factor * plan.total_gpu}}}
+    ok = memory_check.compare({3: result(1.05)}, shape)
+    bad = memory_check.compare({3: result(1.20)}, shape)
+    assert ok[0]["within"] and not bad[0]["within"]
+    assert ok[0]["ratio"] == pytest.approx(1.05)
+    assert "| ZeRO-3 | propulsion |" in memory_check.table(ok)
