@@ -22,11 +22,11 @@ import glob
 import json
 import math
 import os
-import re
 import typing
 from typing import Any, Iterable, Union
 
 from .config import ConfigError, RunConfig
+from .model import HUB_ID, is_hub_id
 
 __all__ = ["ConfigError", "load_config", "config_from_dict", "apply_overrides", "resolve_deepspeed",
            "config_to_dict", "expand_data_paths", "DATA_EXTENSIONS"]
@@ -534,9 +534,6 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] = (), *,
     return config_from_dict(raw, overrides, check_files=check_files)
 
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
 def _anchor(value: Any, base: str) -> Any:
     if isinstance(value, str) and value and not os.path.isabs(value):
         return os.path.normpath(os.path.join(base, value))
@@ -563,14 +560,12 @@ def anchor_paths(raw: dict, base: str) -> dict:
         value = node.get("name_or_path") if isinstance(node, dict) else None
         if isinstance(value, str) and value:
             anchored = _anchor(value, base)
-            if os.path.isdir(anchored) or not _HUB_ID.match(value):
+            if os.path.isdir(anchored) or not HUB_ID.match(value):
                 node["name_or_path"] = anchored
     return raw
 
 
-def is_hub_id(value: str) -> bool:
-    """Whether a model path that is not a local directory reads as a Hugging Face Hub id."""
-    return bool(_HUB_ID.match(value)) and not os.path.isdir(value)
+
 
 
 def config_to_dict(cfg: RunConfig) -> dict:

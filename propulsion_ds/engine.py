@@ -19,7 +19,8 @@ from .config_load import config_to_dict, expand_data_paths, resolve_deepspeed
 from .guards import (TEST_NAN_GRAD_ENV, TEST_NAN_LOSS_ENV, TEST_NAN_RANK_ENV, NanGrad, UpdateGuard,
                      guarded_adamw, guarded_lambda_lr, parse_counts)
 from .metrics import estimate_mfu, gpu_peak_flops, peak_memory_bytes, propulsion_stats
-from .model import load_base_model, load_tokenizer, resolve_model_path, vocab_size
+from .model import (check_attn_implementation, load_base_model, load_tokenizer, resolve_model_path,
+                    vocab_size)
 from .propulsion import DELTA_NAME, channel_scales, inject, trainable_parameters
 from .schedule import lr_lambda
 
@@ -80,6 +81,7 @@ class Trainer:
         resume_step = self._check_output_dir()
         dist.init_distributed(cfg.distributed.timeout_minutes)
         self.rank, self.world = dist.rank(), dist.world_size()
+        check_attn_implementation(cfg.model)      # before the long steps, on every rank alike
         torch.manual_seed(cfg.train.seed)
         # A Hub id is fetched once (rank 0 first) or read from the local cache.
         self.model_path = resolve_model_path(cfg.model.name_or_path, rank=self.rank, barrier=dist.barrier)
@@ -237,7 +239,8 @@ class Trainer:
         params = [p for p in self.model.parameters() if hasattr(p, "ds_tensor")]
         if not params:
             return
-        split = [p for p in params if p.ds_tensor.numel() < p.ds_numel]
+        # Persistent tensors keep a shard too, but are gathered once and kept whole on every rank.
+        split = [p for p in params if not getattr(p, "ds_persist", False) and p.ds_tensor.numel() < p.ds_numel]
         log.info("ZeRO-3 partitioning: %d of %d parameter tensors partitioned; this rank holds %d of "
                  "%d elements", len(split), len(params), sum(p.ds_tensor.numel() for p in params),
                  sum(p.ds_numel for p in params))

@@ -19,7 +19,7 @@ from .config import ConfigError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _TRUE = {"1", "ON", "YES", "TRUE"}
 # Files a causal LM never needs from a Hub repo: other frameworks' weights, and the original
 # (e.g. Meta's consolidated.*.pth) copies some repos ship beside the transformers ones.
@@ -29,7 +29,7 @@ _NEVER = ["original/*", "*.h5", "*.msgpack", "*.ot", "*.onnx", "onnx/*", "*.onnx
 
 def is_hub_id(value: str) -> bool:
     """``org/name`` that is not an existing local directory."""
-    return isinstance(value, str) and bool(_HUB_ID.match(value)) and not os.path.isdir(value)
+    return isinstance(value, str) and bool(HUB_ID.match(value)) and not os.path.isdir(value)
 
 
 def hub_offline() -> bool:

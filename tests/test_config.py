@@ -163,7 +163,7 @@ BAD_CASES = {
     # "./": a path, not a Hub id (org/name, which is resolved later through the HF cache)
     "missing model dir": (_set("model.name_or_path", "./assets/no-such-model"),
                           ["model.name_or_path", "assets/no-such-model"]),
-    "model dir without config.json": (_set("model.name_or_path", "assets/data"),
+    "model dir without config.json": (_set("model.name_or_path", str(REPO / "assets/data")),
                                       ["model.name_or_path", "config.json"]),
     "missing tokenizer dir": (_set("tokenizer.name_or_path", "./nope/tok"), ["tokenizer.name_or_path"]),
     "glob matching nothing": (_set("data.train", "assets/data/*.no-such-ext"),
