@@ -30,8 +30,14 @@ TOLERANCE = 0.10
 
 
 def estimate(shape, ds_config: dict, world: int, method: str, seq: int, batch: int, dtype_bytes: int):
+    import dataclasses
     from propulsion_ds.memory import Cluster, ZeroSettings, method_plan
     zero = ZeroSettings.from_deepspeed(ds_config)
+    # On CPU a reduce bucket is resident only where gradients are written into it (torch.empty
+    # pages are not touched otherwise): at most the trained elements, not the bucket size.
+    trained = {"propulsion": shape.propulsion_trainable, "lora": shape.lora_trainable,
+               "full": shape.total_params}[method]
+    zero = dataclasses.replace(zero, reduce_bucket_size=min(zero.reduce_bucket_size, trained))
     return method_plan(method, shape, zero, Cluster(1, world), seq=seq, batch=batch,
                        checkpointing=False, dtype_bytes=dtype_bytes)
 

@@ -199,6 +199,7 @@ class ZeroSettings:
     prefetch_bucket_size: int = 50_000_000
     persistence_threshold: int = 100_000
     max_live_parameters: int = 1_000_000_000
+    max_reuse_distance: int = 1_000_000_000
     allgather_bucket_size: int = 500_000_000
     hpz_partition_size: int = 1         # ZeRO++ hpZ: secondary partition group size (GPUs per node)
     overlap_comm: bool = False          # ZeRO-1/2 then allocate a second reduce bucket
@@ -225,6 +226,7 @@ class ZeroSettings:
                    prefetch_bucket_size=num("stage3_prefetch_bucket_size", d.prefetch_bucket_size),
                    persistence_threshold=num("stage3_param_persistence_threshold", d.persistence_threshold),
                    max_live_parameters=num("stage3_max_live_parameters", d.max_live_parameters),
+                   max_reuse_distance=num("stage3_max_reuse_distance", d.max_reuse_distance),
                    allgather_bucket_size=num("allgather_bucket_size", d.allgather_bucket_size),
                    hpz_partition_size=num("zero_hpz_partition_size", 1),
                    overlap_comm=bool(z.get("overlap_comm", False)))
@@ -353,7 +355,7 @@ def method_plan(method: str, shape: ModelShape, zero: ZeroSettings, cluster: Clu
     host_states_node = sum(r[3] for r in rows) * G
 
     if zero.stage >= 3:
-        live = min(zero.max_live_parameters, shape.decoder_layer_params)
+        live = zero3_live_params(shape, zero)
         buffers = pb * (zero.prefetch_bucket_size + zero.reduce_bucket_size
                         + max(0, live - shape.largest_module_params)
                         + shape.persistent_params(zero.persistence_threshold))
@@ -391,6 +393,15 @@ def deepspeed_reference(shape: ModelShape, zero: ZeroSettings, cluster: Cluster)
         cpu_offload=zero.offload_optimizer, cpu_offload_params=zero.offload_param,
         zero_init=True, additional_buffer_factor=DS_ADDITIONAL_BUFFER_FACTOR)
     return int(cpu), int(gpu)
+
+
+def zero3_live_params(shape: ModelShape, zero: ZeroSettings) -> int:
+    """Parameters ZeRO-3 may keep gathered at once. A fetched parameter is not released when its
+    next use is within stage3_max_reuse_distance elements and fewer than stage3_max_live_parameters
+    are live; backward reuses every parameter of the forward, so with a reuse distance of at least
+    the model's size (the shipped configs: 1e9) up to max_live parameters stay gathered."""
+    span = shape.total_params if zero.max_reuse_distance >= shape.total_params else shape.decoder_layer_params
+    return min(zero.max_live_parameters, span)
 
 
 # --------------------------------------------------------------------------- layout advice
@@ -584,7 +595,7 @@ def format_plan(plan: Plan) -> str:
     w(f"  {'activations, no checkpointing':<40s}{'':>12s} {_g(p.activations_full)}{ck_off}")
     w(f"  {'logits + loss':<40s}{'10*s*b*V':>12s} {_g(p.logits)}")
     if z.stage >= 3:
-        live = min(z.max_live_parameters, s.decoder_layer_params)
+        live = zero3_live_params(s, z)
         w(f"  {'ZeRO-3 buffers':<52s} {_g(p.buffers)}")
         w(f"    prefetch bucket {z.prefetch_bucket_size:,} + reduce bucket {z.reduce_bucket_size:,} elements; "
           f"live layer {live:,} (max_live {z.max_live_parameters:,}); "
