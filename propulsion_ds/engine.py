@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint, data, distributed as dist, gen_eval
-from .adapter import save_adapter
+from .adapter import save_adapter, trained_biases
 from .config import RunConfig
 from .config_load import config_to_dict, expand_data_paths, resolve_deepspeed
 from .guards import (TEST_NAN_GRAD_ENV, TEST_NAN_LOSS_ENV, TEST_NAN_RANK_ENV, NanGrad, UpdateGuard,
@@ -579,10 +579,11 @@ class Trainer:
     def write_adapter(self) -> None:
         """Collective; rank 0 writes adapter/ (temp file + rename, so never torn)."""
         delta = self._full_delta()                      # collective
+        biases = trained_biases(self.model)             # collective; {} without train_bias
         error = None
         if self.rank == 0:
             try:
-                save_adapter(self.model, self.out / "adapter", delta=delta)
+                save_adapter(self.model, self.out / "adapter", delta=delta, biases=biases)
             except Exception as e:  # noqa: BLE001 - safetensors reports a full disk in its own type
                 error = e
         checkpoint.agree(error, f"could not write the adapter under {self.out / 'adapter'}", self.out,
