@@ -297,3 +297,33 @@ def load_adapter(model: nn.Module, directory) -> nn.Module:
     check_compatible(model, meta)
     load_adapter_state_dict(model, weights)
     return model
+
+
+def meta_skeleton(base, trust_remote_code: bool = False) -> nn.Module:
+    """The base model's skeleton on the meta device, from its config.json alone (no weights)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        cfg = AutoConfig.from_pretrained(str(base), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise AdapterError(f"cannot read the base model's config from {str(base)!r} ({first})") from None
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
+
+
+def injected_skeleton(base, meta: dict, pcfg, trust_remote_code: bool = False) -> nn.Module:
+    """``meta_skeleton(base)`` with the adapter's Propulsion injected, checked against ``meta``
+    (architecture, target names and sizes): what the offline merge and the exports plan from."""
+    from .propulsion import inject
+
+    model = meta_skeleton(base, trust_remote_code)
+    arch = type(model).__name__
+    if meta.get("architecture") != arch:
+        raise AdapterError(f"adapter was made for {meta.get('architecture')}, the base model {base} is {arch}")
+    try:
+        inject(model, pcfg)
+    except ValueError as e:
+        raise AdapterError(f"adapter's targets do not fit {base}: {e}") from None
+    check_compatible(model, meta)
+    return model

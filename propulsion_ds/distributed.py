@@ -145,6 +145,15 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def patient_barrier(hours: float = 12.0):
+    """Collective: a barrier callable for waits on long one-rank work (tokenizing a large data
+    set), on its own gloo group whose timeout is ``hours``, not distributed.timeout_minutes."""
+    if not torch.distributed.is_initialized():
+        return lambda: None
+    group = torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(hours=hours))
+    return lambda: torch.distributed.barrier(group=group)
+
+
 def all_reduce(values: list, op="sum") -> list:
     """One collective for a handful of floats (loss, tokens, flags)."""
     t = torch.tensor(values, dtype=torch.float64)

@@ -94,7 +94,8 @@ class Trainer:
         self.pad_id = data.pad_token_id(self.tokenizer)
         # Tokenized once per storage domain, memory-mapped by every rank, reused by a requeued job.
         built = data.load_or_build(cfg.data, self.tokenizer, data_cache_dir(cfg), rank=self.rank,
-                                   local_rank=int(os.environ.get("LOCAL_RANK", "0")), barrier=dist.barrier)
+                                   local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+                                   barrier=dist.patient_barrier())
         self.train_ds, self.eval_ds, self.eval_samples = built.train, built.eval, built.eval_samples
         mbs = cfg.train.micro_batch_size
         if self.eval_ds is not None and data.batches_per_epoch(len(self.eval_ds), mbs, self.world) == 0:

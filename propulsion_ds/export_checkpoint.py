@@ -24,13 +24,12 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import nn
 
-from .adapter import save_adapter
+from .adapter import meta_skeleton, save_adapter
 from .checkpoint import META_FILE, CheckpointError, safe_torch_load
 from .config import ConfigError
-from .export_peft import ExportError, commit, meta_model, prepare_out
+from .export_peft import ExportError, commit, prepare_out
 from .propulsion import DELTA_NAME, get_state, inject
 
 log = logging.getLogger(__name__)
@@ -163,7 +162,7 @@ def adapter_from_checkpoint(step_dir, out, *, config=None, base=None, overwrite:
         raise ExportError(f"{step_dir} was written with propulsion {meta['propulsion']}, the run config "
                           f"says {cfg.propulsion.to_dict()}: pass the matching --config")
     remote = cfg.model.trust_remote_code if trust_remote_code is None else trust_remote_code
-    model = meta_model(base if base is not None else cfg.model.name_or_path, remote)
+    model = meta_skeleton(base if base is not None else cfg.model.name_or_path, remote)
     # What save_adapter records as the base: the name the run loaded, as the trainer wrote it.
     model.config._name_or_path = cfg.model.name_or_path
     inject(model, cfg.propulsion)

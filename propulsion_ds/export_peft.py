@@ -26,11 +26,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import nn
 
-from .adapter import KEY_SUFFIX, AdapterError, check_compatible, read_adapter_config, read_adapter_weights
-from .propulsion import PropulsionConfig, inject, scale_from_delta
+from .adapter import KEY_SUFFIX, AdapterError, injected_skeleton, read_adapter_config, read_adapter_weights
+from .propulsion import PropulsionConfig, scale_from_delta
 
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -48,20 +47,6 @@ class PeftExport:
     modules: int
     fan_in_fan_out: bool
     base_model_name_or_path: str
-
-
-def meta_model(base, trust_remote_code: bool = False) -> nn.Module:
-    """The model's skeleton on the meta device, from ``base``'s config.json alone (no weights)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        cfg = AutoConfig.from_pretrained(str(base), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ExportError(f"cannot read the base model's config from {str(base)!r} ({first}); "
-                          f"pass --base DIR") from None
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
 
 
 def prepare_out(out: Path, overwrite: bool, *inputs: Path) -> Path:
@@ -191,15 +176,7 @@ def export_peft(adapter, out, *, base=None, base_name: str | None = None, overwr
     base = base if base is not None else recorded
     if not base:
         raise ExportError(f"{adapter} records no base model: pass --base DIR")
-    model = meta_model(base, trust_remote_code)
-    if meta.get("architecture") != type(model).__name__:
-        raise AdapterError(f"adapter was made for {meta.get('architecture')}, the base model "
-                           f"{base} is {type(model).__name__}")
-    try:
-        inject(model, pcfg)
-    except ValueError as e:
-        raise AdapterError(f"adapter's targets do not fit {base}: {e}") from None
-    check_compatible(model, meta)
+    model = injected_skeleton(base, meta, pcfg, trust_remote_code)
     fan_in_fan_out = _module_kinds(model, meta["targets"])
 
     vectors = ia3_vectors(meta, weights)

@@ -35,9 +35,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapter import (BIAS_SUFFIX, CONFIG_FILE, KEY_SUFFIX, AdapterError, check_compatible,
+from .adapter import (BIAS_SUFFIX, CONFIG_FILE, KEY_SUFFIX, AdapterError, injected_skeleton,
                       read_adapter_config, read_adapter_weights)
-from .propulsion import PropulsionConfig, fold, get_state, inject, scale_from_delta
+from .propulsion import PropulsionConfig, fold, get_state, scale_from_delta
 
 log = logging.getLogger(__name__)
 
@@ -113,19 +113,6 @@ def checkpoint_files(base: Path) -> tuple[list[Path], dict | None]:
     raise MergeError(f"{base} has neither {SINGLE_FILE} nor {INDEX_FILE}: not a safetensors model directory")
 
 
-def _meta_model(base: Path, trust_remote_code: bool):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        cfg = AutoConfig.from_pretrained(str(base), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as e:
-        raise MergeError(f"{base / 'config.json'}: cannot read the model config "
-                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
-    return model
-
-
 def _find_key(name: str, suffix: str, keys, prefix: str) -> str | None:
     """The checkpoint key of ``name.suffix``; tolerates a checkpoint saved with/without the
     model's base_model_prefix (e.g. GPT-2's "h.0..." vs "transformer.h.0...")."""
@@ -184,16 +171,7 @@ def plan_merge(base: Path, adapter: Path, headers: dict, *, untie: bool,
         pcfg = PropulsionConfig(**meta["propulsion"])
     except (TypeError, ValueError) as e:
         raise AdapterError(f"{adapter / CONFIG_FILE}: bad 'propulsion' section ({e})") from None
-    model = _meta_model(base, trust_remote_code)
-    arch = type(model).__name__
-    if meta.get("architecture") != arch:
-        raise AdapterError(f"adapter was made for {meta.get('architecture')}, the base model "
-                           f"{base} is {arch}")
-    try:
-        inject(model, pcfg)
-    except ValueError as e:
-        raise AdapterError(f"adapter's targets do not fit {base}: {e}") from None
-    check_compatible(model, meta)
+    model = injected_skeleton(base, meta, pcfg, trust_remote_code)
     state = get_state(model)
     scales, biases = adapter_scales(meta, read_adapter_weights(adapter), state.slots)
     modules = dict(model.named_modules())

@@ -211,3 +211,17 @@ def loss_of(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy in float64 (same loss for model and reference)."""
     v = logits.shape[-1]
     return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, v).double(), ids[:, 1:].reshape(-1))
+
+
+# The full tier: files whose tests start real trainer/launcher processes (multi-rank, SLURM, MPI,
+# faults, the README's job). The fast tier, run on every change, is `pytest -m "not slow"`.
+SLOW_FILES = {"test_engine.py", "test_faults.py", "test_readme.py", "test_train_cli.py", "test_launchers.py",
+              "test_bad_input.py", "test_data_cache.py", "test_adapter_zero3.py", "test_slurm.py", "test_mpi.py",
+              "test_merge_offline.py", "test_generate.py", "test_merge_dtype.py", "test_distributed.py",
+              "test_bench_smoke.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in SLOW_FILES:
+            item.add_marker(pytest.mark.slow)
