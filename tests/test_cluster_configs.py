@@ -67,8 +67,8 @@ def test_run_config_loads_and_resolves(size, tmp_path):
     assert raw["model"]["dtype"] == "bf16" and raw["model"]["gradient_checkpointing"] is True
     assert raw["propulsion"]["degree"] == 15 and raw["propulsion"]["targets"] == "all-linear"
     assert raw["data"]["format"] == "instruction"
-    assert raw["deepspeed"] == ("configs/deepspeed/zero3_offload.json" if size == "70b"
-                                else "configs/deepspeed/zero3.json")
+    # relative to the config file's own directory (configs/)
+    assert raw["deepspeed"] == ("deepspeed/zero3_offload.json" if size == "70b" else "deepspeed/zero3.json")
 
     # As shipped, the placeholder model path fails the file checks, naming the field.
     with pytest.raises(ValueError, match="model.name_or_path"):
@@ -77,9 +77,9 @@ def test_run_config_loads_and_resolves(size, tmp_path):
     data = tmp_path / "instructions.jsonl"
     data.write_text(json.dumps({"instruction": "Say hi.", "input": "", "output": "Hi."}) + "\n")
     cwd = os.getcwd()
-    os.chdir(ROOT)               # paths in run configs are relative to the working directory
+    os.chdir(tmp_path)           # paths written in a config resolve against its directory, from any cwd
     try:
-        cfg = load_config(path, ["model.name_or_path=assets/stories260K", f"data.train={data}"])
+        cfg = load_config(path, [f"model.name_or_path={ROOT / 'assets/stories260K'}", f"data.train={data}"])
         hidden = json.loads((ROOT / "configs/models" / RUNS[size] / "config.json").read_text())["hidden_size"]
         ds = resolve_deepspeed(cfg, 1, hidden)
     finally:
