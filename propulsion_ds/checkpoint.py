@@ -304,8 +304,8 @@ def check_fingerprint(root, step: int, fingerprint: dict) -> None:
         if key in meta and meta[key] != value:
             raise CheckpointError(
                 f"checkpoint {where} was written with {key}={_short(meta[key])}, "
-                f"this run has {key}={_short(value)}: resume with the checkpoint's value, or start "
-                f"afresh (--overwrite or a new output_dir)")
+                f"this run has {key}={_short(value)}: use a new output_dir or the matching config "
+                f"(or --overwrite to start afresh)")
     if "world_size" in meta and meta["world_size"] != dist.world_size():
         raise CheckpointError(
             f"checkpoint {where} was written by {meta['world_size']} ranks, this run has "

@@ -123,5 +123,5 @@ def test_a_failed_build_stops_both_ranks_without_a_hang(tmp_path):
     bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": \n')
     proc = run_probe(tmp_path, _data(bad, eval_fraction=0.0), tmp_path / "cache", ok=False)  # timeout=300 s
     assert proc.returncode != 0
-    assert "bad.jsonl:2: not valid JSON" in proc.stderr  # rank 0's own error
-    assert "was not built" in proc.stderr               # rank 1: its builder failed
+    # rank 0's own error, and rank 1 names the same cause (it checks its files once the cache is missing)
+    assert proc.stderr.count("bad.jsonl:2: not valid JSON") >= 2, proc.stderr[-3000:]

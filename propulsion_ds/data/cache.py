@@ -27,7 +27,7 @@ from typing import Callable, Optional
 import datasets
 
 from .build import Built, build_datasets
-from .files import DataError, resolve_files
+from .files import DataError, _has_rows, resolve_files
 from .tokens import Work
 
 logger = logging.getLogger(__name__)
@@ -188,6 +188,11 @@ def load_or_build(cfg, tokenizer, cache_dir: str, *, rank: int = 0, local_rank: 
     if error is not None:
         raise error
     if not os.path.isdir(path):
+        # Name this rank's own bad file when it has one (e.g. a config that differs per rank),
+        # else say the builder failed: its rank reports the cause.
+        for spec in (cfg.train, cfg.eval):
+            for f in resolve_files(spec) if spec else ():
+                _has_rows(f)
         raise DataError(f"data cache {path} was not built: its builder (rank 0 or this node's local rank 0) failed")
     out = load_cache(path)
     out.built = built_here
