@@ -287,7 +287,11 @@ def save(engine, root, step: int, client_state: dict, keep_last: int, fingerprin
 
 # --------------------------------------------------------------------------- load
 def read_meta(root, step: int) -> dict:
-    path = Path(root) / f"step_{step}" / META_FILE
+    return read_step_meta(Path(root) / f"step_{step}")
+
+
+def read_step_meta(step_dir) -> dict:
+    path = Path(step_dir) / META_FILE
     try:
         meta = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import shutil
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from pathlib import Path
 from torch import nn
 
 from .adapter import meta_skeleton, save_adapter
-from .checkpoint import META_FILE, CheckpointError, safe_torch_load
+from .checkpoint import META_FILE, CheckpointError, read_step_meta, safe_torch_load
 from .config import ConfigError
 from .export_peft import ExportError, commit, prepare_out
 from .propulsion import DELTA_NAME, get_state, inject
@@ -68,13 +67,7 @@ def _read_meta(step_dir: Path) -> dict:
     if not path.is_file():
         raise ExportError(f"{step_dir} is not a complete checkpoint (no {META_FILE}); "
                           f"pass a checkpoints/step_N directory")
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ExportError(f"{path}: unreadable checkpoint metadata ({e})") from None
-    if not isinstance(meta, dict):
-        raise ExportError(f"{path}: checkpoint metadata is not a JSON object")
-    return meta
+    return read_step_meta(step_dir)
 
 
 def _zero_stage(step_dir: Path) -> tuple[int, int]:

@@ -29,6 +29,7 @@ from pathlib import Path
 from torch import nn
 
 from .adapter import KEY_SUFFIX, AdapterError, injected_skeleton, read_adapter_config, read_adapter_weights
+from .fsutil import replace_dir
 from .propulsion import PropulsionConfig, scale_from_delta
 
 PEFT_CONFIG_FILE = "adapter_config.json"
@@ -66,14 +67,7 @@ def prepare_out(out: Path, overwrite: bool, *inputs: Path) -> Path:
 
 
 def commit(tmp: Path, out: Path) -> None:
-    """Move the finished temp directory into place: ``out`` is never seen half-written."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, out)
 
 
 def _refuse_inexpressible(pcfg: PropulsionConfig, weights: dict) -> None:

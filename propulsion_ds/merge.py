@@ -37,6 +37,7 @@ from torch import nn
 
 from .adapter import (BIAS_SUFFIX, CONFIG_FILE, KEY_SUFFIX, AdapterError, injected_skeleton,
                       read_adapter_config, read_adapter_weights)
+from .fsutil import replace_dir
 from .propulsion import PropulsionConfig, fold, get_state, scale_from_delta
 
 log = logging.getLogger(__name__)
@@ -427,13 +428,7 @@ def merge(base, adapter, out, *, untie: bool = False, verify: bool | None = None
             if not rel <= tol:
                 raise VerificationError(f"merged model's logits differ from base+adapter by {rel:.3g} "
                                         f"(relative, tolerance {tol:g}); nothing was written to {out}")
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
