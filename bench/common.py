@@ -11,8 +11,6 @@ import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results"
 STORIES = ROOT / "assets" / "stories260K"
 SHAKESPEARE = ROOT / "assets" / "data" / "tinyshakespeare.txt"
@@ -94,7 +92,7 @@ def shakespeare(tok, max_length: int, eval_fraction: float = 0.05):
 def run_config(micro_batch_size: int, max_length: int, dtype: str = "fp32", max_steps: int = 100,
                zero_stage: int = 3):
     """A RunConfig like configs/tiny.json, for resolve_deepspeed (the engine's own DS config)."""
-    from propulsion_ds.config_load import config_from_dict
+    from propulsion_ds.config.load import config_from_dict
     raw = {"model": {"name_or_path": str(STORIES), "dtype": dtype},
            "data": {"train": str(SHAKESPEARE), "format": "text", "max_length": max_length},
            "train": {"micro_batch_size": micro_batch_size, "max_steps": max_steps, "lr": 1e-3},

@@ -4,7 +4,7 @@
     python bench/memory_check.py                      # reads bench/results/speed_smollm2_zero{2,3}.json
 
 What is compared, per rank: the planner's per-GPU total (model states + activations + logits +
-ZeRO buffers, propulsion_ds.memory.method_plan on the run's own DeepSpeed config, its world size
+ZeRO buffers, propulsion_ds.tools.memory.method_plan on the run's own DeepSpeed config, its world size
 as one node, fp32, no checkpointing) against the measured peak RSS of the training steps minus the
 same process's RSS right before the model was built. That baseline (measured, not assumed) holds
 the Python interpreter, the torch/transformers/deepspeed libraries, the gloo process group and the
@@ -31,7 +31,7 @@ TOLERANCE = 0.10
 
 def estimate(shape, ds_config: dict, world: int, method: str, seq: int, batch: int, dtype_bytes: int):
     import dataclasses
-    from propulsion_ds.memory import Cluster, ZeroSettings, method_plan
+    from propulsion_ds.tools.memory import Cluster, ZeroSettings, method_plan
     zero = ZeroSettings.from_deepspeed(ds_config)
     # On CPU a reduce bucket is resident only where gradients are written into it (torch.empty
     # pages are not touched otherwise): at most the trained elements, not the bucket size.
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     common.quiet()
-    from propulsion_ds.memory import model_shape
+    from propulsion_ds.tools.memory import model_shape
     results = {}
     for stage in (2, 3):
         p = Path(args.results) / f"speed_{args.model}_zero{stage}.json"

@@ -196,7 +196,7 @@ def run_one(method: str, lr: float, seed: int, steps: int, micro_batch: int, max
     import torch
     from transformers import AutoModelForCausalLM
     from propulsion_ds import data
-    from propulsion_ds.schedule import lr_lambda
+    from propulsion_ds.train.schedule import lr_lambda
 
     train, ev, pad = _data(max_length)
     torch.manual_seed(seed)

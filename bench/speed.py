@@ -38,7 +38,7 @@ the training steps alone, without the load-time peak of reading the checkpoint.
 
 MFU (``--device cuda``): nanoGPT-style, model FLOPs = 4 N per token for a frozen base (forward 2N,
 activation gradients 2N) and 6 N for full fine-tuning, over the GPUs' bf16 peak
-(``propulsion_ds.metrics``); on CPU there is no peak to divide by ("–").
+(``propulsion_ds.train.metrics``); on CPU there is no peak to divide by ("–").
 """
 from __future__ import annotations
 
@@ -98,7 +98,7 @@ class _SliceHook:
 
     def __call__(self, module, args, output):
         import torch
-        from propulsion_ds.propulsion import DELTA_NAME, scale_from_delta
+        from propulsion_ds.method.propulsion import DELTA_NAME, scale_from_delta
         scale = scale_from_delta(getattr(self.root, DELTA_NAME)[:, self.lo:self.hi], self.degree)
         dtype = torch.promote_types(output.dtype, scale.dtype)
         return (output.to(dtype) * scale.to(dtype)).to(output.dtype)
@@ -126,7 +126,7 @@ def build_model(row: str, model_name: str, dtype: str = "fp32"):
         model.get_input_embeddings().register_forward_hook(_EmbedScale(model))
     elif row in ("propulsion", "prop_slice"):
         from propulsion_ds import PropulsionConfig, inject
-        from propulsion_ds.propulsion import get_state
+        from propulsion_ds.method.propulsion import get_state
         inject(model, PropulsionConfig(degree=15, targets="all-linear"))
         if row == "prop_slice":
             state, modules = get_state(model), dict(model.named_modules())
@@ -239,7 +239,7 @@ def _setup(args):
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     else:
         device = torch.device("cpu")
-    from propulsion_ds.config_load import resolve_deepspeed
+    from propulsion_ds.config.load import resolve_deepspeed
     spec = settings(args)
     ds_config = resolve_deepspeed(common.run_config(spec["micro_batch"], spec["seq"], args.dtype,
                                                     zero_stage=args.zero[0]), world)
@@ -319,7 +319,7 @@ def worker_time(args) -> None:
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in any_row.model.parameters()) \
         - (any_row.trainable if any_row.name != "full" else 0)
     if rank == 0:
-        from propulsion_ds.metrics import gpu_peak_flops
+        from propulsion_ds.train.metrics import gpu_peak_flops
         result = {"model": args.model, "settings": spec, "ds_config": ds_config, "zero_stage": args.zero[0],
                   "dtype": args.dtype, "n_params": n_params,
                   "peak_flops_per_device": gpu_peak_flops() if device.type == "cuda" else None,
@@ -444,7 +444,7 @@ def summarize(result: dict, memory: dict | None) -> dict:
         peak, n = result.get("peak_flops_per_device"), result.get("n_params")
         r["mfu"] = None
         if peak and n:
-            from propulsion_ds.metrics import flops_per_token
+            from propulsion_ds.train.metrics import flops_per_token
             world = result["machine"]["ranks"]
             r["mfu"] = flops_per_token(n, trainable_weights=name == "full") * r["tokens_per_s"] / (peak * world)
         r["x_bare"] = t / bare if bare else None

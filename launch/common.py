@@ -6,15 +6,9 @@ import os
 import sys
 import warnings
 
-# Exit codes of the entry points, in one place (README.md "Reliability"; launch/train.py's docstring).
-EXIT_OK = 0
-EXIT_PEER_LOST = 1        # another rank died or stopped answering; resume with --resume
-EXIT_USAGE = 2            # bad input, or output that cannot be written; one "error: ..." line
-EXIT_STOPPED = 3          # stopped on purpose: diverged (train.max_bad_steps)
-EXIT_PREEMPTED = 75       # EX_TEMPFAIL: checkpoint written on SIGUSR1/SIGTERM; resume me.
-                          # The same value as propulsion_ds.engine.EXIT_PREEMPTED (a test checks it);
-                          # kept here too so entry points need not import the engine (torch) for it.
-EXIT_INTERRUPTED = 130    # Ctrl-C, no checkpoint written
+# Exit codes live with the errors that carry them (propulsion_ds/errors.py; README.md "Reliability").
+from propulsion_ds.errors import (EXIT_INTERRUPTED, EXIT_OK, EXIT_PEER_LOST, EXIT_PREEMPTED,  # noqa: F401
+                                  EXIT_STOPPED, EXIT_USAGE, PropulsionError)
 
 
 def setup_logging() -> None:

@@ -8,7 +8,7 @@ The model's shape comes from its config.json: --model-config if given, else
 <model.name_or_path>/config.json, else (for the shipped configs, whose model path is a placeholder
 such as /path/to/llama-2-70b-hf) the matching configs/models/<name>/config.json. The model is built
 on PyTorch's meta device: nothing is downloaded and no weight is allocated. Formulas and their
-sources: propulsion_ds/memory.py. It ends with the layout advice: the replicated frozen base
+sources: propulsion_ds/tools/memory.py. It ends with the layout advice: the replicated frozen base
 (ZeRO-2, configs/deepspeed/zero2.json) when it fits a GPU with 20% of its usable memory to spare,
 else ZeRO-3 with ZeRO++ hierarchical partitioning across nodes (configs/deepspeed/zero3_hpz.json,
 zero_hpz_partition_size = GPUs per node), else ZeRO-3, else ZeRO-3 with CPU offload, and prints the
@@ -21,9 +21,8 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from launch.common import fail, setup_logging  # noqa: E402
+from launch.common import fail, setup_logging
 
 
 def parse_args(argv=None):
@@ -50,7 +49,7 @@ def main(argv=None) -> int:
     setup_logging()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")       # DeepSpeed's estimator needs no GPU
     from propulsion_ds.config import ConfigError
-    from propulsion_ds.memory import PlanError, format_plan, plan_from_run_config
+    from propulsion_ds.tools.memory import PlanError, format_plan, plan_from_run_config
 
     try:
         plan = plan_from_run_config(args.config, nodes=args.nodes, gpus_per_node=args.gpus_per_node,

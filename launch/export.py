@@ -25,9 +25,8 @@ import os
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from launch.common import fail, setup_logging  # noqa: E402
+from launch.common import fail, setup_logging
 
 
 def parse_args(argv=None):
@@ -59,10 +58,10 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logging()
-    from propulsion_ds.adapter import AdapterError
-    from propulsion_ds.checkpoint import CheckpointError
-    from propulsion_ds.export_checkpoint import adapter_from_checkpoint
-    from propulsion_ds.export_peft import ExportError, export_peft
+    from propulsion_ds.method.adapter import AdapterError
+    from propulsion_ds.train.checkpoint import CheckpointError
+    from propulsion_ds.tools.export_checkpoint import adapter_from_checkpoint
+    from propulsion_ds.tools.export_peft import ExportError, export_peft
 
     remote = True if args.trust_remote_code else None
     try:

@@ -15,9 +15,8 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from launch.common import fail, setup_logging  # noqa: E402
+from launch.common import fail, setup_logging
 
 
 def parse_args(argv=None):
@@ -62,7 +61,7 @@ def main(argv=None) -> int:
     import torch
     from transformers import AutoModelForCausalLM, TextStreamer
 
-    from propulsion_ds.adapter import AdapterError, load_adapter
+    from propulsion_ds.method.adapter import AdapterError, load_adapter
     from propulsion_ds.model import DTYPES, load_tokenizer
 
     device = pick_device(args.device)

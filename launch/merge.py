@@ -19,9 +19,8 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from launch.common import fail, setup_logging  # noqa: E402
+from launch.common import fail, setup_logging
 
 
 def parse_args(argv=None):
@@ -49,8 +48,8 @@ def main(argv=None) -> int:
         if not os.path.isdir(path):
             fail(f"{what}: directory not found: {path!r}")
     setup_logging()
-    from propulsion_ds.adapter import AdapterError
-    from propulsion_ds.merge import MergeError, VerificationError, merge
+    from propulsion_ds.method.adapter import AdapterError
+    from propulsion_ds.tools.merge import MergeError, VerificationError, merge
 
     try:
         result = merge(args.base, args.adapter, args.out, untie=args.untie, verify=args.verify,

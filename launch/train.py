@@ -29,16 +29,9 @@ import logging
 import os
 import sys
 
-if __package__ in (None, ""):
-    # Run as a file (python/torchrun/deepspeed launch/train.py): make the repository's packages
-    # importable from any working directory. Imported as launch.train (the propulsion-train console
-    # script, python -m launch.train) they already are, and sys.path is left alone.
-    _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if _ROOT not in sys.path:
-        sys.path.insert(0, _ROOT)
 
-from launch.common import (EXIT_INTERRUPTED, EXIT_OK, EXIT_PEER_LOST, EXIT_PREEMPTED,  # noqa: E402
-                           EXIT_STOPPED, EXIT_USAGE, setup_logging)
+from launch.common import (EXIT_INTERRUPTED, EXIT_OK, EXIT_PEER_LOST,
+                           EXIT_USAGE, PropulsionError, setup_logging)
 
 SHUTDOWN_TIMEOUT_S = 60.0
 
@@ -85,29 +78,20 @@ def _mpi_initialized() -> bool:
 def run(args) -> tuple[int, str | None, object]:
     """Train; returns (exit code, one-line error or None, the config or None). Leaves at once on a
     lost peer or Ctrl-C with a process group."""
-    from propulsion_ds.config import ConfigError
-    from propulsion_ds.config_load import load_config
+    from propulsion_ds.config.load import load_config
 
     overrides = list(args.overrides) + (["resume=true"] if args.resume else [])
     try:
         cfg = load_config(args.config, overrides)
-    except ConfigError as e:
-        return EXIT_USAGE, str(e), None
+    except PropulsionError as e:
+        return e.exit_code, str(e), None
 
-    from propulsion_ds import engine
-    from propulsion_ds.adapter import AdapterError
-    from propulsion_ds.checkpoint import CheckpointError
-    from propulsion_ds.data import DataError
+    from propulsion_ds.train import recipe
 
     try:
-        engine.run(cfg, overwrite=args.overwrite)
-    except (ConfigError, DataError, AdapterError, CheckpointError, engine.OutputDirError,
-            engine.OutputWriteError) as e:
-        return EXIT_USAGE, str(e), cfg
-    except engine.Preempted as e:
-        return EXIT_PREEMPTED, str(e), cfg
-    except engine.TrainingError as e:
-        return EXIT_STOPPED, str(e), cfg
+        recipe.run(cfg, overwrite=args.overwrite)
+    except PropulsionError as e:
+        return e.exit_code, str(e), cfg
     except KeyboardInterrupt:
         message = "interrupted; no checkpoint written for the current step (resume with --resume)"
         if _group_formed():
@@ -121,13 +105,13 @@ def run(args) -> tuple[int, str | None, object]:
         return (EXIT_USAGE, f"input/output error on{where}: {hint}; the newest checkpoint is intact "
                             f"(resume with --resume)", cfg)
     except Exception as e:  # noqa: BLE001
-        from propulsion_ds.checkpoint import is_peer_failure
+        from propulsion_ds.train.checkpoint import is_peer_failure
 
         if not is_peer_failure(e):
             raise
         from pathlib import Path
 
-        from propulsion_ds.checkpoint import latest_step
+        from propulsion_ds.train.checkpoint import latest_step
 
         step = latest_step(Path(cfg.output_dir) / "checkpoints")
         text = " ".join(str(e).split())[:240]

@@ -1,7 +1,7 @@
 """propulsion-ds: Propulsion fine-tuning of frozen LLMs on DeepSpeed."""
-from .adapter import (AdapterError, adapter_state_dict, load_adapter, load_adapter_state_dict,
+from propulsion_ds.method.adapter import (AdapterError, adapter_state_dict, load_adapter, load_adapter_state_dict,
                       save_adapter)
-from .propulsion import PropulsionConfig, inject, merge_and_unload
+from propulsion_ds.method.propulsion import PropulsionConfig, inject, merge_and_unload
 
 __all__ = ["PropulsionConfig", "inject", "adapter_state_dict", "load_adapter_state_dict",
            "save_adapter", "load_adapter", "merge_and_unload", "AdapterError"]

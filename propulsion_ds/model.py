@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .config import ConfigError
+from propulsion_ds.config import ConfigError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

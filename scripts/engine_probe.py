@@ -1,4 +1,4 @@
-"""Run the real ``propulsion_ds.engine.Trainer`` in-process and dump what a test needs to see.
+"""Run the real ``propulsion_ds.train.recipe.Trainer`` in-process and dump what a test needs to see.
 
     torchrun --nproc_per_node 2 --master_port 29710 scripts/engine_probe.py \
         --config configs/tiny.json --runs runs.json --report-dir /tmp/reports
@@ -33,9 +33,8 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from launch.common import setup_logging  # noqa: E402
+from launch.common import setup_logging
 
 
 def _frozen(model, delta_name):
@@ -107,10 +106,10 @@ def optimizer_facts(engine) -> dict:
 
 def probe_one(run: dict, args) -> dict:
     import torch
-    from propulsion_ds.config_load import load_config
-    from propulsion_ds.engine import Trainer
+    from propulsion_ds.config.load import load_config
+    from propulsion_ds.train.recipe import Trainer
     from propulsion_ds.model import DTYPES
-    from propulsion_ds.propulsion import DELTA_NAME
+    from propulsion_ds.method.propulsion import DELTA_NAME
 
     cfg = load_config(args.config, run["overrides"])
     trainer = Trainer(cfg, overwrite=True)

@@ -247,7 +247,7 @@ def step_generate(work: Path, s: dict, model: Path | None, adapter: Path | None,
 VERIFY = r"""
 import json, sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from propulsion_ds.adapter import load_adapter
+from propulsion_ds.method.adapter import load_adapter
 base, adapter, merged, device = sys.argv[1:5]
 tok = AutoTokenizer.from_pretrained(base)
 ids = tok.apply_chat_template([{"role": "user", "content": "Name three colours."},

@@ -5,9 +5,9 @@ check in test_propulsion / test_merge_core / test_adapter runs over every case. 
 architecture is one ``Arch(...)`` line; adding a config is one ``Cfg(...)`` line.
 
 What a case expects (which modules are targets, in which order) is written out here from the
-architecture's module names, independently of ``propulsion_ds.targets``. The float64 reference
+architecture's module names, independently of ``propulsion_ds.method.targets``. The float64 reference
 (``reference_logits``) applies y * mean_i z_i**k with its own forward hooks, independently of
-``propulsion_ds.propulsion``.
+``propulsion_ds.method.propulsion``.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from transformers import (AutoModelForCausalLM, GPT2Config, GPTNeoXConfig,  # no
                           LlamaConfig, MistralConfig, Qwen2Config)
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from propulsion_ds.propulsion import PropulsionConfig  # noqa: E402
+from propulsion_ds.method.propulsion import PropulsionConfig  # noqa: E402
 
 hf_logging.set_verbosity_error()
 

@@ -37,10 +37,11 @@ def main() -> None:
     p.add_argument("--out", required=True)
     args = p.parse_args()
 
-    from propulsion_ds import distributed as dist, gen_eval
+    from propulsion_ds import distributed as dist
+    from propulsion_ds.train import gen_eval
     from propulsion_ds.config import EvalConfig, ModelConfig
     from propulsion_ds.model import load_base_model, load_tokenizer
-    from propulsion_ds.propulsion import DELTA_NAME, PropulsionConfig, inject, trainable_parameters
+    from propulsion_ds.method.propulsion import DELTA_NAME, PropulsionConfig, inject, trainable_parameters
 
     # A short collective timeout: a rank left waiting in a gather errors out instead of hanging 30 min.
     dist.init_distributed(timeout_minutes=1.0)

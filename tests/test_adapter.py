@@ -14,9 +14,9 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from conftest import ARCH, CASES, LLAMA_TINY, base_model, random_z, set_z, token_ids
 from propulsion_ds import (AdapterError, PropulsionConfig, adapter_state_dict, inject, load_adapter,
                            load_adapter_state_dict, save_adapter)
-from propulsion_ds.adapter import (CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, check_compatible,
+from propulsion_ds.method.adapter import (CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, check_compatible,
                                    read_adapter_config, read_adapter_weights)
-from propulsion_ds.propulsion import DELTA_NAME, get_state
+from propulsion_ds.method.propulsion import DELTA_NAME, get_state
 
 
 def _adapted(arch, config, dtype=torch.float32, seed=0):
@@ -295,7 +295,7 @@ def test_nothing_is_unpickled(saved, monkeypatch):
 def test_adapter_sources_use_only_safetensors_and_json():
     import inspect
 
-    import propulsion_ds.adapter as adapter
+    import propulsion_ds.method.adapter as adapter
 
     src = inspect.getsource(adapter)
     for banned in ("torch.load", "pickle", "weights_only", "np.load"):

@@ -20,7 +20,7 @@ SCRIPT = textwrap.dedent('''
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     from deepspeed.utils import safe_get_full_fp32_param
     from propulsion_ds import PropulsionConfig, inject, save_adapter
-    from propulsion_ds.adapter import AdapterError, trained_biases, trained_bias_params
+    from propulsion_ds.method.adapter import AdapterError, trained_biases, trained_bias_params
     out = sys.argv[1]
     deepspeed.init_distributed(dist_backend="gloo")
     rank = torch.distributed.get_rank()

@@ -183,7 +183,7 @@ def test_random_json_configs_never_give_a_traceback(tmp_path):
         import contextlib, io, json, sys, traceback
         sys.path.insert(0, {str(ROOT)!r})
         import launch.train as cli
-        from propulsion_ds import engine
+        from propulsion_ds.train import recipe as engine
         def accepted(cfg, overwrite=False):
             raise SystemExit("accepted")
         engine.run = accepted
@@ -257,8 +257,8 @@ def test_data_errors(tmp_path, small_text):
 
 # --------------------------------------------------------------------------- adapters
 def _save_adapter(model, directory: Path) -> Path:
-    from propulsion_ds.adapter import save_adapter
-    from propulsion_ds.propulsion import PropulsionConfig, inject
+    from propulsion_ds.method.adapter import save_adapter
+    from propulsion_ds.method.propulsion import PropulsionConfig, inject
 
     inject(model, PropulsionConfig())
     return save_adapter(model, directory)
@@ -364,7 +364,7 @@ def test_overwrite_clears_the_previous_run(trained, small_text, tmp_path):
                                                flags=("--overwrite",))],
                        cwd=ROOT, env=dict(ENV, MASTER_PORT=_port(0)), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
-    from propulsion_ds import checkpoint
+    from propulsion_ds.train import checkpoint
 
     root = out / "checkpoints"
     assert checkpoint.complete_steps(root) == [1, 2, 3]          # the old step_4 is gone
@@ -381,7 +381,7 @@ def test_checkpoint_files_are_read_with_the_restricted_unpickler(trained, tmp_pa
     """A .pt file that would run code when unpickled is refused before DeepSpeed sees it; a
     checkpoint written for another world size is refused with the reason."""
     import torch
-    from propulsion_ds import checkpoint
+    from propulsion_ds.train import checkpoint
 
     ckpt = tmp_path / "checkpoints"
     shutil.copytree(trained / "checkpoints", ckpt)

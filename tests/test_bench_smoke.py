@@ -105,7 +105,7 @@ def test_memory_check_compares_planner_with_measured_delta():
     """bench/memory_check.py: the planner's total for the run's own DeepSpeed config against
     (training-steps peak - process baseline); a measurement 5% over passes, 20% over fails."""
     from bench import memory_check
-    from propulsion_ds.memory import model_shape
+    from propulsion_ds.tools.memory import model_shape
     shape = model_shape(ROOT / "assets/stories260K/config.json")
     ds = {"zero_optimization": {"stage": 3, "reduce_bucket_size": 4096, "stage3_prefetch_bucket_size": 3686,
                                 "stage3_param_persistence_threshold": 640}}

@@ -8,8 +8,8 @@ import torch
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-from propulsion_ds.config_load import load_config, resolve_deepspeed  # noqa: E402
-from propulsion_ds.propulsion import get_state, inject  # noqa: E402
+from propulsion_ds.config.load import load_config, resolve_deepspeed  # noqa: E402
+from propulsion_ds.method.propulsion import get_state, inject  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = {"7b": "llama2-7b", "13b": "llama2-13b", "70b": "llama2-70b"}

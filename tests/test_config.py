@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from propulsion_ds.config import ConfigError, RunConfig
-from propulsion_ds.config_load import (apply_overrides, config_from_dict, config_to_dict,
+from propulsion_ds.config.load import (apply_overrides, config_from_dict, config_to_dict,
                                        expand_data_paths, load_config, resolve_deepspeed)
 
 REPO = Path(__file__).resolve().parents[1]

@@ -20,9 +20,9 @@ import torch
 from conftest import ARCH, random_z, set_z
 from helpers import ROOT, free_port, run_train, small_text_file, tail, train_env
 
-from propulsion_ds.adapter import load_adapter, read_adapter_weights, save_adapter
-from propulsion_ds.export_peft import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, export_peft
-from propulsion_ds.propulsion import PropulsionConfig, get_state, inject, merge_and_unload
+from propulsion_ds.method.adapter import load_adapter, read_adapter_weights, save_adapter
+from propulsion_ds.tools.export_peft import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, export_peft
+from propulsion_ds.method.propulsion import PropulsionConfig, get_state, inject, merge_and_unload
 
 EXPORT = ROOT / "launch" / "export.py"
 FP32_REL = 1e-6
@@ -276,7 +276,7 @@ def test_export_from_zero3_checkpoint_two_ranks(tmp_path):
     run = _train(tmp_path, "z3", _ds(3), "fp32")
     ours = _check_export(run, tmp_path, 3)
     # Really partitioned: each rank's optimizer file holds half of the fp32 vector.
-    from propulsion_ds.checkpoint import safe_torch_load
+    from propulsion_ds.train.checkpoint import safe_torch_load
     part = safe_torch_load(sorted((run / "checkpoints" / "step_4").glob("*optim_states.pt"))[0])
     held = sum(t.numel() for t in part["optimizer_state_dict"]["fp32_flat_groups"])
     assert held * 2 >= sum(v.numel() for v in ours.values()) > held

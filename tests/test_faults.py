@@ -197,7 +197,7 @@ def assert_same_curve(got: list[tuple], ref: list[tuple], what: str) -> None:
 
 def check_checkpoints(out: Path, world: int) -> int | None:
     """Every step_N visible under checkpoints/ is complete and loads safely; returns latest_step."""
-    from propulsion_ds import checkpoint as ck
+    from propulsion_ds.train import checkpoint as ck
 
     root = out / "checkpoints"
     visible = sorted(p for p in root.glob("step_*")) if root.is_dir() else []

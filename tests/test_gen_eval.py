@@ -1,4 +1,4 @@
-"""Task accuracy during training (propulsion_ds.gen_eval) on the real stories260K and real GSM8K rows.
+"""Task accuracy during training (propulsion_ds.train.gen_eval) on the real stories260K and real GSM8K rows.
 
 Single process: prompt/reference split, metrics on hand-made strings, shard plan, generation equal
 to a plain ``model.generate`` per prompt (with Propulsion's hooks on), counts, TensorBoard output.
@@ -16,10 +16,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from helpers import ROOT, run_train, tail
-from propulsion_ds import data, gen_eval
+from propulsion_ds import data
+from propulsion_ds.train import gen_eval
 from propulsion_ds.config import DataConfig, EvalConfig
 from propulsion_ds.model import load_tokenizer
-from propulsion_ds.propulsion import DELTA_NAME, PropulsionConfig, inject
+from propulsion_ds.method.propulsion import DELTA_NAME, PropulsionConfig, inject
 
 MODEL_DIR = ROOT / "assets" / "stories260K"
 GSM8K = ROOT / "assets" / "data" / "gsm8k_sample.jsonl"

@@ -54,12 +54,12 @@ def test_train_entry_points_start_from_anywhere(how, tmp_path):
 def test_exit_codes_in_one_place():
     import launch.common as common
     import launch.train as train
-    from propulsion_ds import engine
+    from propulsion_ds import errors
 
-    assert common.EXIT_PREEMPTED == engine.EXIT_PREEMPTED == 75
+    assert common.EXIT_PREEMPTED == errors.EXIT_PREEMPTED == errors.Preempted.exit_code == 75
     assert (common.EXIT_OK, common.EXIT_PEER_LOST, common.EXIT_USAGE, common.EXIT_STOPPED,
             common.EXIT_INTERRUPTED) == (0, 1, 2, 3, 130)
     # train.py uses them, it does not define its own.
     src = (ROOT / "launch" / "train.py").read_text()
     assert not [ln for ln in src.splitlines() if ln.startswith("EXIT_")]
-    assert train.EXIT_STOPPED is common.EXIT_STOPPED
+    assert train.EXIT_USAGE is common.EXIT_USAGE and "except PropulsionError as e:" in src

@@ -13,11 +13,11 @@ import pytest
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from propulsion_ds.memory import (DEEPSPEED_CONFIGS, REPLICATE_HEADROOM, Cluster,  # noqa: E402
+from propulsion_ds.tools.memory import (DEEPSPEED_CONFIGS, REPLICATE_HEADROOM, Cluster,  # noqa: E402
                                   PlanError, ZeroSettings, activation_bytes, deepspeed_reference,
                                   layout_zero, method_plan, model_shape, plan_from_run_config,
                                   recommend_layout, resolve_model_config)
-from propulsion_ds.propulsion import PropulsionConfig  # noqa: E402
+from propulsion_ds.method.propulsion import PropulsionConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ["llama2-7b", "llama2-13b", "llama2-70b"]
@@ -285,7 +285,7 @@ def test_shipped_layout_configs_are_what_the_planner_assumes(tmp_path, layout):
     """Each recommended --set line, applied to a real run config, gives the ZeRO settings the
     planner costed (stage, hpZ group, offload) and a config DeepSpeed itself accepts."""
     from deepspeed.runtime.config import DeepSpeedConfig
-    from propulsion_ds.config_load import load_config, resolve_deepspeed
+    from propulsion_ds.config.load import load_config, resolve_deepspeed
     shape = model_shape(ROOT / "configs/models/llama2-7b/config.json", PropulsionConfig())
     c = Cluster(4, 4)
     advice_overrides = [f"deepspeed={DEEPSPEED_CONFIGS[layout]}"]

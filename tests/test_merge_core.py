@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import ARCH, ARCHS, CASES, CONFIGS, base_model, is_tied, random_z, rel_err, set_z, token_ids
 from propulsion_ds import PropulsionConfig, inject, merge_and_unload
-from propulsion_ds.propulsion import DELTA_NAME, get_state
+from propulsion_ds.method.propulsion import DELTA_NAME, get_state
 
 
 def _adapted(arch, config, seed=0):

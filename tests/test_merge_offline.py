@@ -1,4 +1,4 @@
-"""Offline merge (launch/merge.py, propulsion_ds/merge.py) on the real stories260K and on a
+"""Offline merge (launch/merge.py, propulsion_ds/tools/merge.py) on the real stories260K and on a
 sharded, tied tiny LLaMA; the result must load with plain transformers and equal base+adapter."""
 import json
 import os
@@ -12,8 +12,8 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from propulsion_ds import PropulsionConfig, inject, load_adapter, save_adapter
-from propulsion_ds.adapter import AdapterError
-from propulsion_ds.merge import INDEX_FILE, MergeError, merge
+from propulsion_ds.method.adapter import AdapterError
+from propulsion_ds.tools.merge import INDEX_FILE, MergeError, merge
 
 ROOT = Path(__file__).resolve().parent.parent
 STORIES = ROOT / "assets/stories260K"

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from conftest import (ARCH, CASES, base_model, loss_of, n_layers, out_width, random_z,
                       reference_model, rel_err, set_z, token_ids)
 from propulsion_ds import PropulsionConfig, inject
-from propulsion_ds.propulsion import (DELTA_NAME, channel_scales, get_state, initial_delta, scale_from_delta,
+from propulsion_ds.method.propulsion import (DELTA_NAME, channel_scales, get_state, initial_delta, scale_from_delta,
                                       trainable_parameters)
 
 

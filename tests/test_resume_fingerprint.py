@@ -19,9 +19,9 @@ pytestmark = pytest.mark.slow
 HARNESS = textwrap.dedent("""
     import json, sys
     from launch.common import setup_logging
-    from propulsion_ds import engine
-    from propulsion_ds.checkpoint import CheckpointError
-    from propulsion_ds.config_load import load_config
+    from propulsion_ds.train import recipe as engine
+    from propulsion_ds.train.checkpoint import CheckpointError
+    from propulsion_ds.config.load import load_config
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     setup_logging()

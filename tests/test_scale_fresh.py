@@ -14,7 +14,7 @@ import torch
 
 from conftest import ARCH, base_model, loss_of, random_z, reference_model, rel_err, set_z, token_ids
 from propulsion_ds import PropulsionConfig, inject
-from propulsion_ds.propulsion import DELTA_NAME
+from propulsion_ds.method.propulsion import DELTA_NAME
 
 LLAMA = ARCH["llama"]
 

@@ -151,7 +151,7 @@ def resumed_run(workdir, full_run):
 def test_chat_labels_are_exactly_the_assistant_turns(workdir, tokenizer):
     """The rows the trainer trains on (same config, same pipeline) mark exactly the assistant
     turns, each with its end-of-turn token, as the model's own template renders them."""
-    from propulsion_ds.config_load import load_config
+    from propulsion_ds.config.load import load_config
     from propulsion_ds.data import IGNORE_INDEX, build_datasets, document_lengths
 
     tok = tokenizer
@@ -208,7 +208,7 @@ def test_zero3_really_partitions_the_model(workdir, full_run, smollm2_dir):
     of the model's elements (the trainer's partition log; rank 1 is its mirror image)."""
     from safetensors import safe_open
 
-    from propulsion_ds.config_load import load_config, resolve_deepspeed
+    from propulsion_ds.config.load import load_config, resolve_deepspeed
 
     hidden = json.loads((smollm2_dir / "config.json").read_text())["hidden_size"]
     ds = resolve_deepspeed(load_config(workdir / "config.json"), WORLD, hidden)
@@ -273,7 +273,7 @@ def test_peak_memory_per_rank_logged(full_run):
 def _base_plus_adapter(model_dir, adapter_dir):
     from transformers import AutoModelForCausalLM
 
-    from propulsion_ds.adapter import load_adapter
+    from propulsion_ds.method.adapter import load_adapter
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     load_adapter(model, adapter_dir)

@@ -1,7 +1,7 @@
 """train_bias: the adapter holds the trained biases, and every way back to a model applies them.
 
 Biases and z are trained for real (Adam steps, so both moved), then: save_adapter -> load_adapter
-into a fresh base, merge_and_unload, the streaming merge (propulsion_ds.merge) reloaded with plain
+into a fresh base, merge_and_unload, the streaming merge (propulsion_ds.tools.merge) reloaded with plain
 transformers; each must give the trained model's logits. The same adapter without its biases is
 shown to differ, so the checks see the biases.
 """
@@ -16,8 +16,8 @@ from transformers import AutoModelForCausalLM
 
 from conftest import ARCH, base_model, loss_of, token_ids
 from propulsion_ds import AdapterError, PropulsionConfig, inject, load_adapter, merge_and_unload, save_adapter
-from propulsion_ds.adapter import WEIGHTS_FILE, read_adapter_weights, trained_bias_params
-from propulsion_ds.merge import merge
+from propulsion_ds.method.adapter import WEIGHTS_FILE, read_adapter_weights, trained_bias_params
+from propulsion_ds.tools.merge import merge
 
 
 def _trained(arch, steps=8):

@@ -11,6 +11,7 @@ import os
 from typing import Any, Optional, Sequence, Union
 
 import datasets
+from propulsion_ds.errors import DataError  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
@@ -19,9 +20,6 @@ _BUILDERS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "par
 
 Spec = Union[str, Sequence[str]]
 
-
-class DataError(ValueError):
-    """Bad training data; the message is one line naming the file (and line for JSONL)."""
 
 
 def _is_saved_dataset(path: str) -> bool:

@@ -12,40 +12,29 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, data, distributed as dist, gen_eval
-from .adapter import save_adapter, trained_biases
-from .config import RunConfig
-from .config_load import config_to_dict, expand_data_paths, resolve_deepspeed
-from .guards import (TEST_NAN_GRAD_ENV, TEST_NAN_LOSS_ENV, TEST_NAN_RANK_ENV, NanGrad, UpdateGuard,
+from propulsion_ds import data, distributed as dist
+from propulsion_ds.train import checkpoint, gen_eval
+from propulsion_ds.method.adapter import save_adapter, trained_biases
+from propulsion_ds.config import RunConfig
+from propulsion_ds.config.load import config_to_dict, expand_data_paths, resolve_deepspeed
+from propulsion_ds.train.guards import (TEST_NAN_GRAD_ENV, TEST_NAN_LOSS_ENV, TEST_NAN_RANK_ENV, NanGrad, UpdateGuard,
                      guarded_adamw, guarded_lambda_lr, parse_counts)
-from .metrics import estimate_mfu, gpu_peak_flops, peak_memory_bytes, propulsion_stats
-from .model import (check_attn_implementation, load_base_model, load_tokenizer, resolve_model_path,
+from propulsion_ds.train.metrics import estimate_mfu, gpu_peak_flops, peak_memory_bytes, propulsion_stats
+from propulsion_ds.model import (check_attn_implementation, load_base_model, load_tokenizer, resolve_model_path,
                     vocab_size)
-from .propulsion import DELTA_NAME, channel_scales, inject, trainable_parameters
-from .schedule import lr_lambda
+from propulsion_ds.method.propulsion import DELTA_NAME, channel_scales, inject, trainable_parameters
+from propulsion_ds.train.schedule import lr_lambda
+from propulsion_ds.errors import TrainingError, OutputDirError, Preempted, OutputWriteError  # noqa: F401
 
 log = logging.getLogger(__name__)
 
-EXIT_PREEMPTED = 75           # EX_TEMPFAIL: a checkpoint was written on a signal; resume me
 FINISHED_MARKER = "FINISHED"
 # What a run writes into output_dir: --overwrite (or a fresh start over a run that died before
 # its first checkpoint) removes exactly these, nothing else a user keeps there.
 RUN_OUTPUTS = ("checkpoints", "adapter", "tensorboard", "metrics.jsonl", "config.json", FINISHED_MARKER)
 
-class TrainingError(RuntimeError):
-    """The run stopped on purpose (diverged, refused); the message says why and what is kept."""
 
 
-class OutputDirError(ValueError):
-    """The output directory holds a run this invocation would overwrite."""
-
-
-class Preempted(Exception):
-    """Raised after the preemption checkpoint is written."""
-
-
-class OutputWriteError(RuntimeError):
-    """Rank 0 could not write metrics or TensorBoard events (disk full, permissions)."""
 
 
 class Trainer:
@@ -508,7 +497,7 @@ class Trainer:
     def _full_delta(self) -> torch.Tensor:
         """The vectors in fp32: DeepSpeed's master copy where it keeps one (collective)."""
         from deepspeed.utils import safe_get_full_fp32_param
-        from .adapter import gathered
+        from propulsion_ds.method.adapter import gathered
 
         p = getattr(self.model, DELTA_NAME)
         full = safe_get_full_fp32_param(p)

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .propulsion import DELTA_NAME, PropulsionConfig, _require_state, get_state, inject
+from propulsion_ds.method.propulsion import DELTA_NAME, PropulsionConfig, _require_state, get_state, inject
+from propulsion_ds.errors import AdapterError  # noqa: F401
 
 WEIGHTS_FILE = "propulsion.safetensors"
 CONFIG_FILE = "propulsion_config.json"
@@ -29,9 +30,6 @@ FORMAT_VERSION = 1
 KEY_SUFFIX = ".propulsion"
 BIAS_SUFFIX = ".bias"
 
-
-class AdapterError(ValueError):
-    """An adapter file that cannot be used with this model; the message says why."""
 
 
 def gathered(params, modifier_rank=None):
@@ -95,7 +93,7 @@ def _local_biases(model: nn.Module) -> dict:
         if _partitioned(bias):
             raise AdapterError(
                 f"train_bias: {name}.bias is partitioned (ZeRO-3); gather the biases on every rank "
-                f"with propulsion_ds.adapter.trained_biases(model) and pass save_adapter(..., biases=...)")
+                f"with propulsion_ds.method.adapter.trained_biases(model) and pass save_adapter(..., biases=...)")
         out[name + BIAS_SUFFIX] = bias.detach().float().cpu().clone()
     return out
 
@@ -315,7 +313,7 @@ def meta_skeleton(base, trust_remote_code: bool = False) -> nn.Module:
 def injected_skeleton(base, meta: dict, pcfg, trust_remote_code: bool = False) -> nn.Module:
     """``meta_skeleton(base)`` with the adapter's Propulsion injected, checked against ``meta``
     (architecture, target names and sizes): what the offline merge and the exports plan from."""
-    from .propulsion import inject
+    from propulsion_ds.method.propulsion import inject
 
     model = meta_skeleton(base, trust_remote_code)
     arch = type(model).__name__

@@ -31,7 +31,7 @@ from typing import Union
 import torch
 from torch import nn
 
-from .targets import find_targets, module_out_features, weight_axis
+from propulsion_ds.method.targets import find_targets, module_out_features, weight_axis
 
 DELTA_NAME = "propulsion_delta"
 STATE_ATTR = "_propulsion_state"

@@ -25,8 +25,8 @@ import os
 import typing
 from typing import Any, Iterable, Union
 
-from .config import ConfigError, RunConfig
-from .model import HUB_ID, is_hub_id
+from propulsion_ds.config import ConfigError, RunConfig
+from propulsion_ds.model import HUB_ID, is_hub_id
 
 __all__ = ["ConfigError", "load_config", "config_from_dict", "apply_overrides", "resolve_deepspeed",
            "config_to_dict", "expand_data_paths", "DATA_EXTENSIONS"]

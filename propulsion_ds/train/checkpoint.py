@@ -34,7 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import distributed as dist
+from propulsion_ds import distributed as dist
+from propulsion_ds.errors import CheckpointError  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +48,6 @@ STEP_DIR = re.compile(r"^step_(\d+)$")
 # of step STEP's only) so a test can kill the process, or fill the disk, inside that phase.
 TEST_SLOW_ENV = "PROPULSION_TEST_SLOW_CHECKPOINT"
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be written or resumed; the message says which and why."""
 
 
 # --------------------------------------------------------------------------- small file helpers

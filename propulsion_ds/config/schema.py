@@ -7,11 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-from .propulsion import PropulsionConfig
+from propulsion_ds.method.propulsion import PropulsionConfig
+from propulsion_ds.errors import ConfigError  # noqa: F401
 
-
-class ConfigError(ValueError):
-    """A bad run config; the message is one line naming the field."""
 
 
 @dataclass

@@ -28,18 +28,16 @@ from pathlib import Path
 
 from torch import nn
 
-from .adapter import KEY_SUFFIX, AdapterError, injected_skeleton, read_adapter_config, read_adapter_weights
-from .fsutil import replace_dir
-from .propulsion import PropulsionConfig, scale_from_delta
+from propulsion_ds.method.adapter import KEY_SUFFIX, AdapterError, injected_skeleton, read_adapter_config, read_adapter_weights
+from propulsion_ds.fsutil import replace_dir
+from propulsion_ds.method.propulsion import PropulsionConfig, scale_from_delta
+from propulsion_ds.errors import ExportError  # noqa: F401
 
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."      # what get_peft_model_state_dict puts before a module name
 PEFT_SUFFIX = ".ia3_l"
 
-
-class ExportError(ValueError):
-    """An export that cannot run (bad input, a setting the target format cannot express)."""
 
 
 @dataclass
@@ -125,7 +123,7 @@ def peft_config(targets: list, fan_in_fan_out: bool, base_name: str) -> dict:
 
 def _module_kinds(model: nn.Module, targets) -> bool:
     """Check every target is a module peft IA3 scales by output; return fan_in_fan_out."""
-    from .targets import is_conv1d
+    from propulsion_ds.method.targets import is_conv1d
 
     modules = dict(model.named_modules())
     conv1d, linear = [], []

@@ -35,10 +35,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapter import (BIAS_SUFFIX, CONFIG_FILE, KEY_SUFFIX, AdapterError, injected_skeleton,
+from propulsion_ds.method.adapter import (BIAS_SUFFIX, CONFIG_FILE, KEY_SUFFIX, AdapterError, injected_skeleton,
                       read_adapter_config, read_adapter_weights)
-from .fsutil import replace_dir
-from .propulsion import PropulsionConfig, fold, get_state, scale_from_delta
+from propulsion_ds.fsutil import replace_dir
+from propulsion_ds.method.propulsion import PropulsionConfig, fold, get_state, scale_from_delta
+from propulsion_ds.errors import MergeError, VerificationError  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +51,6 @@ TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-5}   # max |diff| / max |log
 TOLERANCE_16BIT = 2e-2                  # bf16/fp16: the merged weight is rounded once more
 
 
-class MergeError(ValueError):
-    """A merge that cannot run (missing files, wrong adapter, tied weights); one-line message."""
-
-
-class VerificationError(MergeError):
-    """The merged model's logits differ from base+adapter beyond the tolerance."""
 
 
 @dataclass
@@ -165,7 +160,7 @@ class _Plan:
 def plan_merge(base: Path, adapter: Path, headers: dict, *, untie: bool,
                trust_remote_code: bool = False) -> _Plan:
     """Which tensors to scale, along which axis, and what untying adds. Reads no weights."""
-    from .targets import is_conv1d
+    from propulsion_ds.method.targets import is_conv1d
 
     meta = read_adapter_config(adapter)
     try:
@@ -324,7 +319,7 @@ def verify_merge(base, adapter, merged, *, num_tokens: int = 12, seed: int = 0,
     """
     from transformers import AutoModelForCausalLM
 
-    from .adapter import load_adapter
+    from propulsion_ds.method.adapter import load_adapter
 
     from transformers.utils import logging as hf_logging
 

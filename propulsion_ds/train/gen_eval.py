@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .data import IGNORE_INDEX
+from propulsion_ds.data import IGNORE_INDEX
 
 METRICS = ("marker", "exact", "none")
 N_EXAMPLES = 4            # prompt / reference / generation triples kept for the logs

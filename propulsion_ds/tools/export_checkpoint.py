@@ -25,11 +25,11 @@ from pathlib import Path
 
 from torch import nn
 
-from .adapter import meta_skeleton, save_adapter
-from .checkpoint import META_FILE, CheckpointError, read_step_meta, safe_torch_load
-from .config import ConfigError
-from .export_peft import ExportError, commit, prepare_out
-from .propulsion import DELTA_NAME, get_state, inject
+from propulsion_ds.method.adapter import meta_skeleton, save_adapter
+from propulsion_ds.train.checkpoint import META_FILE, CheckpointError, read_step_meta, safe_torch_load
+from propulsion_ds.config import ConfigError
+from propulsion_ds.tools.export_peft import ExportError, commit, prepare_out
+from propulsion_ds.method.propulsion import DELTA_NAME, get_state, inject
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def run_config_path(step_dir: Path) -> Path:
 
 
 def _read_run_config(path: Path):
-    from .config_load import load_config
+    from propulsion_ds.config.load import load_config
 
     if not path.is_file():
         raise ExportError(f"{path} not found: the run's config.json (two levels above the checkpoint) "

@@ -64,9 +64,10 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from propulsion_ds.errors import PlanError  # noqa: F401
 
 GIB = 2 ** 30
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SHIPPED_MODEL_CONFIGS = REPO_ROOT / "configs" / "models"
 DS_ADDITIONAL_BUFFER_FACTOR = 1.5     # DeepSpeed's estimator: host pinned buffers, allocator slack
 GPU_RESERVE_FRACTION = 0.10           # CUDA context, NCCL buffers, fragmentation
@@ -80,9 +81,6 @@ DEEPSPEED_CONFIGS = {                 # layout -> shipped DeepSpeed config (rela
     "zero3_offload": "configs/deepspeed/zero3_offload.json",
 }
 
-
-class PlanError(ValueError):
-    """A planner input that cannot be used; the message is one line."""
 
 
 # --------------------------------------------------------------------------- model shape
@@ -148,8 +146,8 @@ def model_shape(config_path, propulsion_config=None, lora_rank: int = LORA_RANK)
     from torch import nn
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .propulsion import PropulsionConfig, get_state, inject
-    from .targets import decoder_layers, find_targets
+    from propulsion_ds.method.propulsion import PropulsionConfig, get_state, inject
+    from propulsion_ds.method.targets import decoder_layers, find_targets
 
     config_path = Path(config_path)
     try:
@@ -534,7 +532,7 @@ def plan_from_run_config(path, *, nodes: int, gpus_per_node: int, model_config: 
                          overrides=(), gpu_memory_gib: float = 80.0) -> Plan:
     """Plan the run config at ``path`` (files on disk are not checked: the model path may be a
     placeholder) on ``nodes`` x ``gpus_per_node`` GPUs. Raises PlanError or ConfigError."""
-    from .config_load import load_config, resolve_deepspeed
+    from propulsion_ds.config.load import load_config, resolve_deepspeed
 
     if nodes < 1 or gpus_per_node < 1:
         raise PlanError(f"nodes and gpus-per-node must be >= 1, got {nodes} and {gpus_per_node}")

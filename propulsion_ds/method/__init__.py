@@ -1,0 +1,1 @@
+"""The method: Propulsion vectors injected into frozen layers, their adapter files."""

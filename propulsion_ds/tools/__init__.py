@@ -1,0 +1,1 @@
+"""Offline tools around a trained adapter: merge, exports, the memory planner."""

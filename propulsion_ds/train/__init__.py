@@ -1,0 +1,1 @@
+"""Training: the recipe and the components it calls (checkpoints, guards, metrics, eval)."""
