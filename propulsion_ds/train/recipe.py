@@ -17,8 +17,7 @@ from propulsion_ds.train import checkpoint, gen_eval
 from propulsion_ds.method.adapter import save_adapter, trained_biases
 from propulsion_ds.config import RunConfig
 from propulsion_ds.config.load import config_to_dict, expand_data_paths, resolve_deepspeed
-from propulsion_ds.train.guards import (TEST_NAN_GRAD_ENV, TEST_NAN_LOSS_ENV, TEST_NAN_RANK_ENV, NanGrad, UpdateGuard,
-                     guarded_adamw, guarded_lambda_lr, parse_counts)
+from propulsion_ds.train.guards import UpdateGuard, guarded_adamw, guarded_lambda_lr
 from propulsion_ds.train.metrics import estimate_mfu, gpu_peak_flops, peak_memory_bytes, propulsion_stats
 from propulsion_ds.model import (check_attn_implementation, load_base_model, load_tokenizer, resolve_model_path,
                     vocab_size)
@@ -55,12 +54,7 @@ class Trainer:
         self.history: list[dict] = []
         self._grad_bad = False
         self._io_error: BaseException | None = None
-        self._micro_drawn = 0
         self._guard = UpdateGuard()
-        nan_rank = os.environ.get(TEST_NAN_RANK_ENV)
-        self._nan_rank = int(nan_rank) if nan_rank else None
-        self._nan_loss_at = parse_counts(os.environ.get(TEST_NAN_LOSS_ENV))
-        self._nan_grad_at = parse_counts(os.environ.get(TEST_NAN_GRAD_ENV))
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -283,15 +277,6 @@ class Trainer:
     def _device(self, batch: dict) -> dict:
         return {k: v.to(self.engine.device) for k, v in batch.items()}
 
-    def _test_faults(self, loss: torch.Tensor) -> torch.Tensor:
-        if self._nan_rank is not None and self._nan_rank != self.rank:
-            return loss
-        if self._nan_loss_at(self._micro_drawn):
-            loss = loss * float("nan")
-        if self._nan_grad_at(self._micro_drawn):
-            loss = NanGrad.apply(loss)
-        return loss
-
     def _stop_if_diverged(self, what: str) -> None:
         log.warning("step %d: %s (%d in a row)", self.step + 1, what, self.bad_steps)
         if self.bad_steps >= self.cfg.train.max_bad_steps:
@@ -310,6 +295,11 @@ class Trainer:
         # use_cache=False: a cache switches off transformers' packed-document isolation.
         out = self.engine(**inputs, use_cache=False)
         return token_loss_sum(out.logits, batch["labels"])
+
+    def train_loss_sum(self, batch: dict) -> torch.Tensor:
+        """The training forward of one micro-batch (eval does not come here): the seam the
+        fault-injection entry point (tests/fault_entry.py) wraps."""
+        return self._forward_loss_sum(batch)
 
     def _window(self, batches) -> tuple[list[dict], float]:
         """The next accumulation window's micro-batches and its target tokens on all ranks."""
@@ -337,8 +327,7 @@ class Trainer:
             sums = [0.0, 0.0, 0.0, 0.0]
             for i in range(accum):
                 while True:
-                    self._micro_drawn += 1
-                    loss_sum = self._test_faults(self._forward_loss_sum(window[i]))
+                    loss_sum = self.train_loss_sum(window[i])
                     bad, = dist.all_reduce([float(not torch.isfinite(loss_sum.detach()))])
                     if bad == 0:
                         break
