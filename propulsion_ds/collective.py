@@ -28,6 +28,15 @@ def free_bytes(path: Path) -> int | None:
     return None
 
 
+def _failures(msg: str | None) -> tuple[list[tuple[int, str]], int]:
+    """Collective: every rank's message (None: no error); the failed ranks' ones and the world size."""
+    msgs = [msg]
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        msgs = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(msgs, msg)
+    return [(r, m) for r, m in enumerate(msgs) if m is not None], len(msgs)
+
+
 def agree(error: BaseException | None, what: str, where: Path, after: str = "",
           error_type: type[PropulsionError] = CheckpointError) -> None:
     """Collective: raise the same ``error_type`` on every rank if any rank passed an error."""
@@ -36,11 +45,7 @@ def agree(error: BaseException | None, what: str, where: Path, after: str = "",
         msg = one_line(error)
         if isinstance(error, OSError) and error.filename and str(error.filename) not in msg:
             msg += f" [{error.filename}]"
-    msgs = [msg]
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        msgs = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(msgs, msg)
-    failed = [(r, m) for r, m in enumerate(msgs) if m is not None]
+    failed, world = _failures(msg)
     if not failed:
         return
     r, m = failed[0]
@@ -49,7 +54,7 @@ def agree(error: BaseException | None, what: str, where: Path, after: str = "",
     if free is not None:
         full = free < 1024 * 1024 or "No space left" in m or "os error 28" in m
         space = f"; {free / 1024:.0f} KiB free there" + (": the disk is full" if full else "")
-    rank = f"rank {r}: " if len(msgs) > 1 else ""
+    rank = f"rank {r}: " if world > 1 else ""
     raise error_type(f"{what} ({rank}{m}{space}){after}")
 
 
@@ -64,3 +69,11 @@ def rank0_write(fn: Callable[[], object], what: str, where: Path, after: str = "
         except catch as e:
             error = e
     agree(error, what, where, after, error_type)
+
+
+def agree_as_is(error: BaseException | None, error_type: type[PropulsionError] = CheckpointError) -> None:
+    """Collective: like ``agree``, for errors whose own message already names the file and the
+    fix (a refused checkpoint): every rank raises the first failed rank's message unchanged."""
+    failed, _ = _failures(None if error is None else str(error))
+    if failed:
+        raise error_type(failed[0][1])

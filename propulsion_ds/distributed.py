@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -166,12 +167,13 @@ def all_reduce(values: list, op="sum") -> list:
     return t.cpu().tolist()
 
 
-def all_gather_floats(value: float) -> list:
-    if not torch.distributed.is_initialized():
-        return [value]
-    out = [None] * world_size()
-    torch.distributed.all_gather_object(out, value)
-    return out
+def is_peer_failure(e: BaseException) -> bool:
+    """A collective failed because another rank died or timed out (gloo/NCCL/store errors)."""
+    if isinstance(e, getattr(torch.distributed, "DistError", ())):
+        return True
+    return isinstance(e, RuntimeError) and re.search(
+        r"gloo|nccl|Connection (closed|reset)|[Tt]imed out|[Tt]imeout|pair closure|Broken pipe|"
+        r"ProcessGroup|TCPStore", str(e)) is not None
 
 
 # ------------------------------------------------------------------------------------ the end of a run

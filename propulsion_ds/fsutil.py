@@ -1,9 +1,62 @@
-"""File-system steps shared by the tools that write whole directories (merge, exports)."""
+"""File-system steps that keep readers from ever seeing a half-written file or directory.
+
+Each one is a write to a temporary name followed by one ``rename``: a kill at any moment leaves
+the old file or the new one in place, plus at most a temp file or trash directory to clean up.
+"""
 from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
+from typing import Callable
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    # Best effort: some file systems refuse to open or fsync a directory; the rename itself
+    # is atomic either way, only its durability across a power loss depends on this.
+    try:
+        fsync_file(path)
+    except OSError:
+        pass
+
+
+def write_atomic(path: Path, write: Callable[[Path], object], tmp: Path | None = None) -> None:
+    """``write(tmp)``, fsync it, rename it over ``path``. A failed write (disk full) removes the
+    temp file and leaves the old ``path`` as it was. ``tmp`` defaults to ``<name>.tmp<pid>``."""
+    path = Path(path)
+    tmp = tmp or path.with_name(path.name + f".tmp{os.getpid()}")
+    try:
+        write(tmp)
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_atomic(Path(path), lambda tmp: tmp.write_text(text))
+
+
+def move_aside(path: Path, trash_root: Path, prefix: str = "trash-") -> Path:
+    """Take ``path`` out of sight with one rename into ``trash_root`` (same file system) and
+    return where it went; deleting it there can then take as long as it likes (a kill mid-delete
+    leaves only trash, never a half-deleted ``path``)."""
+    trash_root.mkdir(parents=True, exist_ok=True)
+    trash = trash_root / f"{prefix}{path.name}-{os.getpid()}-{time.monotonic_ns()}"
+    os.replace(path, trash)
+    fsync_dir(path.parent)
+    return trash
 
 
 def replace_dir(tmp: Path, out: Path) -> None:

@@ -29,7 +29,7 @@ TRAIN = str(ROOT / "launch" / "train.py")
 GENERATE = str(ROOT / "launch" / "generate.py")
 STORIES = ROOT / "assets" / "stories260K"
 LLAMA2_TOKENIZER = ROOT / "tests" / "fixtures" / "llama2-tokenizer"
-ENV = {k: v for k, v in os.environ.items() if not k.startswith("PROPULSION_TEST_")
+ENV = {k: v for k, v in os.environ.items() if not k.startswith("FAULT_")
        and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
 ENV.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
 

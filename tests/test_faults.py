@@ -6,9 +6,10 @@ with RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT), sends real signals and reads the 
 uninterrupted reference runs are shared (module fixtures); an interrupted-and-resumed run must log
 exactly the reference's losses and learning rates.
 
-Test-only hooks used (README.md "Reliability"): PROPULSION_TEST_SLOW_CHECKPOINT (sleep at each phase
-of a checkpoint save, so a kill or a disk fill lands inside it), PROPULSION_TEST_NAN_LOSS /
-PROPULSION_TEST_NAN_GRAD / PROPULSION_TEST_NAN_RANK (make a micro-batch's loss or gradient NaN).
+Faults are injected on the test side: a job given FAULT_* variables runs tests/fault_entry.py,
+which patches the seams and then runs launch/train.py's main(): FAULT_SLOW_CHECKPOINT (sleep at
+each phase of a checkpoint save, so a kill or a disk fill lands inside it), FAULT_NAN_LOSS /
+FAULT_NAN_GRAD / FAULT_NAN_RANK (make a micro-batch's loss or gradient NaN).
 
 Random kill points come from PROPULSION_FAULT_SEED (printed; set it to replay a failure).
 """
@@ -31,6 +32,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "launch" / "train.py")
+FAULT_ENTRY = str(ROOT / "tests" / "fault_entry.py")     # launch/train.py with faults patched in
 SEED = int(os.environ.get("PROPULSION_FAULT_SEED", random.SystemRandom().randrange(10**6)))
 N1 = 30          # steps of the one-rank runs (18 micro-batches per epoch: crosses an epoch)
 N2 = 12          # steps of the two-rank runs (9 per rank per epoch)
@@ -46,7 +48,7 @@ def free_port() -> int:
 
 def env_for(**extra) -> dict:
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith("PROPULSION_TEST_")
+           if not k.startswith("FAULT_")
            and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false")
@@ -62,13 +64,14 @@ class Job:
         logdir.mkdir(parents=True, exist_ok=True)
         self.logs, self.procs = [], []
         port = free_port()
+        script = FAULT_ENTRY if any(k.startswith("FAULT_") for k in env) else TRAIN
         if kind == "python":
-            cmds = [([sys.executable, TRAIN, *argv], env_for(MASTER_PORT=port, **env))]
+            cmds = [([sys.executable, script, *argv], env_for(MASTER_PORT=port, **env))]
         elif kind == "torchrun":
             cmds = [([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
-                      "--master_port", str(port), TRAIN, *argv], env_for(**env))]
+                      "--master_port", str(port), script, *argv], env_for(**env))]
         elif kind == "plain":
-            cmds = [([sys.executable, TRAIN, *argv],
+            cmds = [([sys.executable, script, *argv],
                      env_for(RANK=r, LOCAL_RANK=r, WORLD_SIZE=world, LOCAL_WORLD_SIZE=world,
                              MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **env)) for r in range(world)]
         else:
@@ -117,7 +120,7 @@ class Job:
         out = {}
         for child in psutil.Process(self.procs[0].pid).children(recursive=True):
             try:
-                if TRAIN in " ".join(child.cmdline()):
+                if any(s in " ".join(child.cmdline()) for s in (TRAIN, FAULT_ENTRY)):
                     out[int(child.environ()["RANK"])] = child.pid
             except (psutil.Error, KeyError):
                 pass
@@ -274,7 +277,7 @@ def test_kill9_at_random_points_then_resume_matches_uninterrupted(data, ref1, tm
     rng.shuffle(plan)
     latest, report = None, []
     for point in plan:
-        slow = {"PROPULSION_TEST_SLOW_CHECKPOINT": "1.0"} if point in PHASES else {}
+        slow = {"FAULT_SLOW_CHECKPOINT": "1.0"} if point in PHASES else {}
         job = Job("python", train_args(data, out, N1), tmp_path / "logs", **slow)
         start = latest or 0
         if point == "metrics-unwritable":
@@ -378,7 +381,7 @@ def test_preemption_and_dead_ranks_two_ranks(data, ref2, tmp_path):
     assert latest == int(m.group(1))
 
     # B -----------------------------------------------------------------
-    job = Job("torchrun", train_args(data, out, N2), logs, world=2, PROPULSION_TEST_SLOW_CHECKPOINT="0.5")
+    job = Job("torchrun", train_args(data, out, N2), logs, world=2, FAULT_SLOW_CHECKPOINT="0.5")
     pat = re.compile(r"\[rank0\].*test hook .*: step_(\d+) phase written,")
     wait_until(lambda: any(int(x.group(1)) > latest for x in pat.finditer(job.text())), job,
                what="a checkpoint save")
@@ -488,7 +491,7 @@ def test_disk_full_while_checkpointing(data, ref1, small_disk, tmp_path):
     logs = tmp_path / "logs"
 
     # (1) disk filled during step_2's save (after its adapter space is reserved): step_4 fails.
-    job = Job("python", train_args(data, out, N1), logs, PROPULSION_TEST_SLOW_CHECKPOINT="1.0:2")
+    job = Job("python", train_args(data, out, N1), logs, FAULT_SLOW_CHECKPOINT="1.0:2")
     wait_until(lambda: "step_2 phase latest," in job.text(), job, what="step_2 saved")
     fillers = [fill(small_disk, leave=32 * 1024)]      # room for step_2's adapter, not for step_4
     assert job.wait(120) == [2], job.tail()
@@ -505,7 +508,7 @@ def test_disk_full_while_checkpointing(data, ref1, small_disk, tmp_path):
     for f in fillers:
         f.unlink()
     before = (out / "adapter" / "propulsion.safetensors").read_bytes()
-    job = Job("python", train_args(data, out, N1), logs, PROPULSION_TEST_SLOW_CHECKPOINT="1.0:4")
+    job = Job("python", train_args(data, out, N1), logs, FAULT_SLOW_CHECKPOINT="1.0:4")
     wait_until(lambda: "step_4 phase latest," in job.text(), job, what="step_4 saved")
     fillers = [fill(small_disk, leave=4 * 1024)]
     assert job.wait(120) == [2], job.tail()
@@ -546,8 +549,8 @@ def test_isolated_nan_loss_and_gradient_are_skipped_on_every_rank(data, tmp_path
     curves = []
     for loss_at, grad_at in (("4", "9"), ("9", "4")):
         out = tmp_path / f"out{loss_at}"
-        job = Job("torchrun", train_args(data, out, 12), tmp_path / "logs", world=2, PROPULSION_TEST_NAN_RANK=1,
-                  PROPULSION_TEST_NAN_LOSS=loss_at, PROPULSION_TEST_NAN_GRAD=grad_at)
+        job = Job("torchrun", train_args(data, out, 12), tmp_path / "logs", world=2, FAULT_NAN_RANK=1,
+                  FAULT_NAN_LOSS=loss_at, FAULT_NAN_GRAD=grad_at)
         assert job.wait() == [0], job.tail()
         text = job.text()
         assert "non-finite loss, micro-batch dropped (1 in a row)" in text
@@ -566,7 +569,7 @@ def test_isolated_nan_loss_and_gradient_are_skipped_on_every_rank(data, tmp_path
 def test_persistent_nan_stops_with_exit_3_naming_the_last_good_checkpoint(data, tmp_path):
     out = tmp_path / "out"
     job = Job("python", train_args(data, out, N1, "train.max_bad_steps=4"), tmp_path / "logs",
-              PROPULSION_TEST_NAN_LOSS="5", PROPULSION_TEST_NAN_GRAD="6-")
+              FAULT_NAN_LOSS="5", FAULT_NAN_GRAD="6-")
     assert job.wait() == [3], job.tail()
     errors = error_lines(job.text())
     assert len(errors) == 1 and "Traceback" not in job.text(), job.tail()

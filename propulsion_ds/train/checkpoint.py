@@ -16,142 +16,38 @@ Errors while writing (disk full, permissions) are agreed on by every rank, so al
 same :class:`CheckpointError` instead of one rank dying while the others wait in a collective;
 the half-written directory is removed and the previous checkpoint stays as it was.
 
-Reading: every ``*.pt`` file of a checkpoint is first parsed with ``torch.load(weights_only=True)``
-(PyTorch's restricted unpickler, with DeepSpeed's two plain state classes allowed), and only then
-handed to DeepSpeed, whose own loader (0.19.8) unpickles them without that restriction.
+Reading: every ``*.pt`` file of a checkpoint is first parsed with the restricted unpickler
+(``safe_load.safe_torch_load``), and only then handed to DeepSpeed, whose own loader (0.19.8)
+unpickles them without that restriction.
 """
 from __future__ import annotations
 
 import json
-import logging
 import os
 import random
 import re
 import shutil
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from propulsion_ds import collective, fsutil
 from propulsion_ds import distributed as dist
-from propulsion_ds.errors import CheckpointError  # noqa: F401
-
-log = logging.getLogger(__name__)
+from propulsion_ds.distributed import is_peer_failure
+from propulsion_ds.errors import CheckpointError  # noqa: F401 - callers use checkpoint.CheckpointError
+from propulsion_ds.train.safe_load import safe_torch_load
 
 META_FILE = "meta.json"
 LATEST = "latest"
 PARTIAL = ".partial"
 TRASH_PREFIX = "trash-"
 STEP_DIR = re.compile(r"^step_(\d+)$")
-# Test-only: "SECONDS" or "SECONDS:STEP" - sleep at each phase of save() (of every checkpoint, or
-# of step STEP's only) so a test can kill the process, or fill the disk, inside that phase.
-TEST_SLOW_ENV = "PROPULSION_TEST_SLOW_CHECKPOINT"
 
-
-
-# --------------------------------------------------------------------------- small file helpers
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _remove_tree(path: Path, trash_root: Path, tag: str = "") -> None:
-    """Take ``path`` out of sight with one rename, then delete it (a kill leaves only trash)."""
-    if not path.exists():
-        return
-    trash_root.mkdir(parents=True, exist_ok=True)
-    trash = trash_root / f"{TRASH_PREFIX}{path.name}-{os.getpid()}-{time.monotonic_ns()}"
-    os.replace(path, trash)
-    _fsync_dir(path.parent)
-    _test_pause("trash", tag)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def _free_bytes(path: Path) -> int | None:
-    for p in [path, *path.parents]:
-        try:
-            return shutil.disk_usage(p).free
-        except OSError:
-            continue
-    return None
-
-
-def is_peer_failure(e: BaseException) -> bool:
-    """A collective failed because another rank died or timed out (gloo/NCCL/store errors)."""
-    if isinstance(e, getattr(torch.distributed, "DistError", ())):
-        return True
-    return isinstance(e, RuntimeError) and re.search(
-        r"gloo|nccl|Connection (closed|reset)|[Tt]imed out|[Tt]imeout|pair closure|Broken pipe|"
-        r"ProcessGroup|TCPStore", str(e)) is not None
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text[:300]
-
-
-def _test_pause(phase: str, tag: str) -> None:
-    spec = os.environ.get(TEST_SLOW_ENV)
-    if not spec:
-        return
-    seconds, _, only = spec.partition(":")
-    if only and tag != f"step_{only}":
-        return
-    log.warning("test hook %s: %s phase %s, sleeping %s s", TEST_SLOW_ENV, tag, phase, seconds)
-    time.sleep(float(seconds))
-
-
-def agree(error: BaseException | None, what: str, root: Path, after: str = "") -> None:
-    """Collective: raise the same CheckpointError on every rank if any rank failed."""
-    msg = None
-    if error is not None:
-        msg = _one_line(error)
-        if isinstance(error, OSError) and error.filename and str(error.filename) not in msg:
-            msg += f" [{error.filename}]"
-    msgs = [msg]
-    if torch.distributed.is_initialized() and dist.world_size() > 1:
-        msgs = [None] * dist.world_size()
-        torch.distributed.all_gather_object(msgs, msg)
-    failed = [(r, m) for r, m in enumerate(msgs) if m is not None]
-    if not failed:
-        return
-    r, m = failed[0]
-    free = _free_bytes(root)
-    space = ""
-    if free is not None:
-        full = free < 1024 * 1024 or "No space left" in m or "os error 28" in m
-        space = f"; {free / 1024:.0f} KiB free there" + (": the disk is full" if full else "")
-    where = f"rank {r}: " if len(msgs) > 1 else ""
-    raise CheckpointError(f"{what} ({where}{m}{space}){after}")
+# Transitional aliases: the recipe still calls these names; collective/fsutil hold the code.
+agree = collective.agree
+_write_text_atomic = fsutil.write_text_atomic
 
 
 # --------------------------------------------------------------------------- rng
@@ -206,34 +102,53 @@ def clean_partial(root) -> None:
 
 
 # --------------------------------------------------------------------------- save
+@dataclass
+class _Save:
+    """Where one save writes, and what its error line says."""
+    root: Path
+    step: int
+
+    def __post_init__(self):
+        self.tag = f"step_{self.step}"
+        self.partial = self.root / PARTIAL
+        self.work = self.partial / self.tag
+        self.final = self.root / self.tag
+        self.what = f"could not write checkpoint {self.tag} under {self.root}"
+        prev = latest_step(self.root)
+        self.after = "" if prev is None or prev == self.step else (
+            f"; the previous checkpoint {self.root / f'step_{prev}'} is intact: resume from it with --resume")
+
+
 def save(engine, root, step: int, client_state: dict, keep_last: int, fingerprint: dict) -> Path:
     """Collective: every rank calls it. Returns the final directory.
 
     Raises CheckpointError on every rank if any rank could not write its part; the previous
     checkpoints are left untouched and the half-written directory is removed.
+
+    The phases, each a function of its own: ``_prepare`` (rank 0), ``_write_parts`` (every
+    rank: DeepSpeed's files and its RNG state), then rank 0 alone ``_seal`` (fsync, meta.json),
+    ``_rename`` (into place), ``_point_latest`` and ``_prune`` (``_trash`` per old checkpoint).
+    A phase function returning is that phase's boundary; each takes the ``_Save`` first, so the
+    fault tests (tests/fault_entry.py) can wrap them all alike and kill a run there.
     """
-    root = Path(root)
-    tag = f"step_{step}"
-    partial_root = root / PARTIAL
-    work = partial_root / tag
-    final = root / tag
-    prev = latest_step(root)
-    what = f"could not write checkpoint {tag} under {root}"
-    after = ""
-    if prev is not None and prev != step:
-        after = f"; the previous checkpoint {root / f'step_{prev}'} is intact: resume from it with --resume"
+    s = _Save(Path(root), step)
+    collective.rank0_write(lambda: _prepare(s), s.what, s.root, s.after)
+    _write_parts(s, engine, client_state)
+    collective.rank0_write(lambda: _publish(s, keep_last, fingerprint), s.what, s.root, s.after,
+                           catch=(Exception,))
+    return s.final
 
+
+def _prepare(s: _Save) -> None:
+    shutil.rmtree(s.work, ignore_errors=True)
+    s.partial.mkdir(parents=True, exist_ok=True)
+
+
+def _write_parts(s: _Save, engine, client_state: dict) -> None:
+    """Collective: every rank writes its DeepSpeed files and RNG state into ``s.work``."""
     error = None
-    if dist.rank() == 0:
-        try:
-            shutil.rmtree(work, ignore_errors=True)
-            partial_root.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            error = e
-    agree(error, what, root, after)
-
     try:
-        engine.save_checkpoint(str(partial_root), tag=tag, client_state=client_state,
+        engine.save_checkpoint(str(s.partial), tag=s.tag, client_state=client_state,
                                save_latest=False, exclude_frozen_parameters=True)
     except Exception as e:  # noqa: BLE001 - torch.save reports a full disk as RuntimeError
         error = e
@@ -244,43 +159,64 @@ def save(engine, root, step: int, client_state: dict, keep_last: int, fingerprin
         except Exception as peer:  # noqa: BLE001
             if is_peer_failure(e):
                 raise e from None
-            raise CheckpointError(f"{what} ({_one_line(e)}), and another rank stopped answering "
-                                  f"({_one_line(peer)}){after}") from None
+            raise CheckpointError(f"{s.what} ({collective.one_line(e)}), and another rank stopped "
+                                  f"answering ({collective.one_line(peer)}){s.after}") from None
     if error is None:
         try:
-            torch.save(rng_state(), work / f"rng_rank{dist.rank()}.pt")
+            torch.save(rng_state(), s.work / f"rng_rank{dist.rank()}.pt")
         except Exception as e:  # noqa: BLE001
             error = e
     try:
-        agree(error, what, root, after)
+        collective.agree(error, s.what, s.root, s.after)
     except CheckpointError:
         if dist.rank() == 0:
-            shutil.rmtree(work, ignore_errors=True)
+            shutil.rmtree(s.work, ignore_errors=True)
         raise
-    _test_pause("written", tag)
 
-    if dist.rank() == 0:
-        try:
-            for p in sorted(work.iterdir()):
-                if p.is_file():
-                    _fsync_file(p)
-            meta = {"step": step, "world_size": dist.world_size(), **fingerprint}
-            _write_text_atomic(work / META_FILE, json.dumps(meta, indent=2))
-            _test_pause("meta", tag)
-            if final.exists():
-                _remove_tree(final, partial_root, tag)
-            os.replace(work, final)
-            _fsync_dir(root)
-            _test_pause("renamed", tag)
-            _write_text_atomic(root / LATEST, tag + "\n")
-            _test_pause("latest", tag)
-            for old in complete_steps(root)[:-keep_last]:
-                _remove_tree(root / f"step_{old}", partial_root, tag)
-        except Exception as e:  # noqa: BLE001
-            error = e
-            shutil.rmtree(work, ignore_errors=True)
-    agree(error, what, root, after)
-    return final
+
+def _publish(s: _Save, keep_last: int, fingerprint: dict) -> None:
+    """Rank 0: make the written checkpoint visible; on failure remove its half-done directory."""
+    try:
+        _seal(s, fingerprint)
+        _rename(s)
+        _point_latest(s)
+        _prune(s, keep_last)
+    except Exception:
+        shutil.rmtree(s.work, ignore_errors=True)
+        raise
+
+
+def _seal(s: _Save, fingerprint: dict) -> None:
+    for p in sorted(s.work.iterdir()):
+        if p.is_file():
+            fsutil.fsync_file(p)
+    meta = {"step": s.step, "world_size": dist.world_size(), **fingerprint}
+    fsutil.write_text_atomic(s.work / META_FILE, json.dumps(meta, indent=2))
+
+
+def _rename(s: _Save) -> None:
+    if s.final.exists():
+        _discard(s, s.final)
+    os.replace(s.work, s.final)
+    fsutil.fsync_dir(s.root)
+
+
+def _point_latest(s: _Save) -> None:
+    fsutil.write_text_atomic(s.root / LATEST, s.tag + "\n")
+
+
+def _prune(s: _Save, keep_last: int) -> None:
+    for old in complete_steps(s.root)[:-keep_last]:
+        _discard(s, s.root / f"step_{old}")
+
+
+def _discard(s: _Save, path: Path) -> None:
+    shutil.rmtree(_trash(s, path), ignore_errors=True)
+
+
+def _trash(s: _Save, path: Path) -> Path:
+    """Rename ``path`` out of sight into .partial (where deleting it can be interrupted)."""
+    return fsutil.move_aside(path, s.partial, TRASH_PREFIX)
 
 
 # --------------------------------------------------------------------------- load
@@ -293,7 +229,7 @@ def read_step_meta(step_dir) -> dict:
     try:
         meta = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: unreadable checkpoint metadata ({_one_line(e)})") from None
+        raise CheckpointError(f"{path}: unreadable checkpoint metadata ({collective.one_line(e)})") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path}: checkpoint metadata is not a JSON object")
     return meta
@@ -320,42 +256,6 @@ def _short(value, limit: int = 160) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def _safe_globals() -> list:
-    """The non-tensor classes DeepSpeed's checkpoint files hold, and numpy's RNG state."""
-    allowed = [np.ndarray, np.dtype, type(np.dtype("uint32"))]
-    try:
-        allowed.append(np._core.multiarray._reconstruct)
-    except AttributeError:
-        allowed.append(np.core.multiarray._reconstruct)
-    try:
-        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-        from deepspeed.runtime.zero.config import ZeroStageEnum
-        allowed += [LossScaler, DynamicLossScaler, ZeroStageEnum]
-    except ImportError:
-        pass
-    try:
-        from deepspeed.utils.tensor_fragment import fragment_address
-        allowed.append(fragment_address)
-    except ImportError:
-        pass
-    return allowed
-
-
-def safe_torch_load(path):
-    """torch.load with PyTorch's restricted unpickler; a file that needs more raises CheckpointError."""
-    try:
-        with torch.serialization.safe_globals(_safe_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - pickle/zip errors arrive as many types
-        msg = _one_line(e)
-        m = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(e))
-        if m:
-            msg = f"it references {m.group(1)}, which a checkpoint of plain tensors never does; refusing to unpickle"
-        elif "weights only load failed" in msg.lower():
-            msg = "not loadable with torch.load(weights_only=True)"
-        raise CheckpointError(f"{path}: not a readable checkpoint file ({msg})") from None
-
-
 def verify_files(root, step: int) -> None:
     """Parse every .pt file of checkpoint ``step`` with the restricted unpickler (this rank)."""
     where = Path(root) / f"step_{step}"
@@ -366,6 +266,15 @@ def verify_files(root, step: int) -> None:
         safe_torch_load(f)
 
 
+def _check_files(root: Path, step: int) -> Path:
+    """This rank's part of checkpoint ``step`` parses safely; returns its RNG file."""
+    verify_files(root, step)
+    rng_file = root / f"step_{step}" / f"rng_rank{dist.rank()}.pt"
+    if not rng_file.is_file():
+        raise CheckpointError(f"checkpoint {rng_file.parent} lacks {rng_file.name}")
+    return rng_file
+
+
 def check_resumable(root, step: int, fingerprint: dict) -> None:
     """Collective: raise the same CheckpointError on every rank unless checkpoint ``step`` was
     written for this model, these Propulsion settings and this world size, and every file in
@@ -373,49 +282,29 @@ def check_resumable(root, step: int, fingerprint: dict) -> None:
     error = None
     try:
         check_fingerprint(root, step, fingerprint)
-        verify_files(root, step)
-        rng_file = Path(root) / f"step_{step}" / f"rng_rank{dist.rank()}.pt"
-        if not rng_file.is_file():
-            raise CheckpointError(f"checkpoint {rng_file.parent} lacks {rng_file.name}")
+        _check_files(Path(root), step)
     except CheckpointError as e:
         error = e
-    _agree_load(error)
+    collective.agree_as_is(error)
 
 
 def load(engine, root, step: int) -> dict:
     """Collective. Restores module vectors, optimizer, scheduler and this rank's RNG; returns client state."""
     root = Path(root)
     tag = f"step_{step}"
-    error = None
+    error = rng_file = None
     try:
-        verify_files(root, step)
-        rng_file = root / tag / f"rng_rank{dist.rank()}.pt"
-        if not rng_file.is_file():
-            raise CheckpointError(f"checkpoint {root / tag} lacks {rng_file.name}")
+        rng_file = _check_files(root, step)
     except CheckpointError as e:
         error = e
-    _agree_load(error)
+    collective.agree_as_is(error)
     try:
         path, client_state = engine.load_checkpoint(
             str(root), tag=tag, load_module_strict=False, load_optimizer_states=True,
             load_lr_scheduler_states=True)
     except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"DeepSpeed could not load checkpoint {root / tag} ({_one_line(e)})") from None
+        raise CheckpointError(f"DeepSpeed could not load checkpoint {root / tag} ({collective.one_line(e)})") from None
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint {root / tag}")
-    set_rng_state(_load_rng(rng_file))
+    set_rng_state(safe_torch_load(rng_file))
     return client_state or {}
-
-
-def _agree_load(error: BaseException | None) -> None:
-    msgs = [None if error is None else str(error)]
-    if torch.distributed.is_initialized() and dist.world_size() > 1:
-        msgs = [None] * dist.world_size()
-        torch.distributed.all_gather_object(msgs, None if error is None else str(error))
-    for m in msgs:
-        if m is not None:
-            raise CheckpointError(m)
-
-
-def _load_rng(path: Path) -> dict:
-    return safe_torch_load(path)

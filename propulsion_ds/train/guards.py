@@ -1,42 +1,9 @@
-"""Guards around the optimizer update: a veto every rank applies alike, and test-only faults."""
+"""Guards around the optimizer update: a veto every rank applies alike."""
 from __future__ import annotations
 
 import types
 
 import torch
-
-# Test-only fault injection (see README.md "Reliability"). Values are 1-based counts of the
-# micro-batches this rank has drawn since the process started: "3,4", "5-8" or "5-" (5 on).
-TEST_NAN_LOSS_ENV = "PROPULSION_TEST_NAN_LOSS"    # the loss becomes NaN
-TEST_NAN_GRAD_ENV = "PROPULSION_TEST_NAN_GRAD"    # the loss stays finite, its gradient is NaN
-TEST_NAN_RANK_ENV = "PROPULSION_TEST_NAN_RANK"    # only on this rank (default: every rank)
-
-
-def parse_counts(text: str | None):
-    """"3,4" / "5-8" / "5-" -> a predicate on 1-based counts (test-only env vars)."""
-    if not text:
-        return lambda n: False
-    singles, ranges = set(), []
-    for part in text.split(","):
-        part = part.strip()
-        if "-" in part:
-            lo, hi = part.split("-", 1)
-            ranges.append((int(lo), int(hi) if hi.strip() else None))
-        elif part:
-            singles.add(int(part))
-    return lambda n: n in singles or any(n >= lo and (hi is None or n <= hi) for lo, hi in ranges)
-
-
-class NanGrad(torch.autograd.Function):
-    """Test-only: identity forward, NaN gradient backward (a finite loss with a poisoned gradient)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * float("nan")
 
 
 class UpdateGuard:
