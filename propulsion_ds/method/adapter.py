@@ -12,90 +12,23 @@
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import math
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from propulsion_ds.errors import AdapterError
+from propulsion_ds.fsutil import write_atomic
+from propulsion_ds.method.compat import check_architecture, check_compatible, injected_skeleton, meta_skeleton  # noqa: F401
+from propulsion_ds.method.gather import (BIAS_SUFFIX, _full_shape, _local_biases, gathered,  # noqa: F401
+                                         trained_bias_params, trained_biases)
 from propulsion_ds.method.propulsion import DELTA_NAME, PropulsionConfig, _require_state, get_state, inject
-from propulsion_ds.errors import AdapterError  # noqa: F401
 
 WEIGHTS_FILE = "propulsion.safetensors"
 CONFIG_FILE = "propulsion_config.json"
 FORMAT_VERSION = 1
 KEY_SUFFIX = ".propulsion"
-BIAS_SUFFIX = ".bias"
-
-
-
-def gathered(params, modifier_rank=None):
-    """Gather ZeRO-3 partitioned params for the block (a no-op for ordinary tensors)."""
-    params = [p for p in params if hasattr(p, "ds_id")]
-    if not params:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
-
-
-def trained_bias_params(model: nn.Module) -> list:
-    """[(target name, bias parameter)] that train with ``train_bias`` (targets that have a bias)."""
-    state = _require_state(model)
-    if not state.config.train_bias:
-        return []
-    modules = dict(model.named_modules())
-    return [(s.name, modules[s.name].bias) for s in state.slots
-            if getattr(modules[s.name], "bias", None) is not None]
-
-
-def _full_shape(p: torch.Tensor) -> tuple:
-    return tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
-
-
-def _partitioned(p: torch.Tensor) -> bool:
-    return hasattr(p, "ds_id") and p.numel() != math.prod(_full_shape(p))
-
-
-def _fp32_master(p: torch.Tensor):
-    """DeepSpeed's fp32 master copy of ``p`` (a collective), or None where it keeps none."""
-    if not (hasattr(p, "_z3_optimizer") or hasattr(p, "_hp_mapping")):
-        return None
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    return safe_get_full_fp32_param(p)
-
-
-def trained_biases(model: nn.Module) -> dict:
-    """{"<module>.bias": fp32 CPU tensor} of every trained bias; {} without ``train_bias``.
-
-    Collective under DeepSpeed (ZeRO-3 gathers, the fp32 master copy is assembled): EVERY rank
-    must call it, in the same order, e.g. next to the delta's own gather. Pass the result to
-    ``save_adapter(..., biases=...)`` on rank 0.
-    """
-    out = {}
-    for name, bias in trained_bias_params(model):
-        full = _fp32_master(bias)
-        if full is None:
-            with gathered([bias]):
-                full = bias.detach().float().clone()
-        out[name + BIAS_SUFFIX] = full.detach().float().cpu().reshape(_full_shape(bias))
-    return out
-
-
-def _local_biases(model: nn.Module) -> dict:
-    """The trained biases as this rank holds them, no collective (refuses partitioned ones)."""
-    out = {}
-    for name, bias in trained_bias_params(model):
-        if _partitioned(bias):
-            raise AdapterError(
-                f"train_bias: {name}.bias is partitioned (ZeRO-3); gather the biases on every rank "
-                f"with propulsion_ds.method.adapter.trained_biases(model) and pass save_adapter(..., biases=...)")
-        out[name + BIAS_SUFFIX] = bias.detach().float().cpu().clone()
-    return out
 
 
 def adapter_state_dict(model: nn.Module, delta: torch.Tensor | None = None,
@@ -135,9 +68,9 @@ def _expected_shapes(model) -> dict:
     return shapes
 
 
-def load_adapter_state_dict(model: nn.Module, sd: dict) -> None:
-    """Strict load of z values; a missing/unexpected key or wrong shape names the key."""
-    state = _require_state(model)
+def check_adapter_weights(model: nn.Module, sd: dict) -> None:
+    """An adapter's tensors hold exactly what ``model``'s injection needs; a missing/unexpected key
+    or a wrong shape names the key."""
     expected = _expected_shapes(model)
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
@@ -153,12 +86,26 @@ def load_adapter_state_dict(model: nn.Module, sd: dict) -> None:
     for k, shape in expected.items():
         if tuple(sd[k].shape) != shape:
             raise AdapterError(f"adapter key {k!r} has shape {tuple(sd[k].shape)}, model expects {shape}")
+
+
+def adapter_delta(model: nn.Module, sd: dict) -> torch.Tensor:
+    """The fp32 delta (n, total_d_out) = z - 1 that an adapter's tensors ``sd`` hold (checked).
+
+    z - 1 is exact in fp32 for z in [0.5, 2] (Sterbenz) and 1 + (z - 1) == z, so
+    ``channel_scales(model, adapter_delta(model, sd))`` is the scale training computed.
+    """
+    state = _require_state(model)
+    check_adapter_weights(model, sd)
     n = state.config.num_vectors
+    return torch.cat([sd[s.name + KEY_SUFFIX].float().reshape(n, s.size) - 1.0 for s in state.slots], dim=1)
+
+
+def load_adapter_state_dict(model: nn.Module, sd: dict) -> None:
+    """Strict load of z values (and trained biases); a missing/unexpected key or wrong shape names the key."""
+    delta = adapter_delta(model, sd)
     param = getattr(model, DELTA_NAME)
     with gathered([param], modifier_rank=0), torch.no_grad():
-        for s in state.slots:
-            z = sd[s.name + KEY_SUFFIX].float().reshape(n, s.size)
-            param[:, s.offset:s.offset + s.size].copy_((z - 1.0).to(param.dtype))
+        param.copy_(delta.to(param.dtype))
     for name, bias in trained_bias_params(model):
         with gathered([bias], modifier_rank=0), torch.no_grad():
             bias.copy_(sd[name + BIAS_SUFFIX].to(bias.dtype))
@@ -179,20 +126,9 @@ def _is_main_rank() -> bool:
 
 
 def _atomic_write(path: Path, write) -> None:
-    """Write to ``<name>.tmp``, fsync, rename over ``path``: readers see the old file or the new
-    one, never a torn one; a failed write (disk full) removes the temp file and keeps the old."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """``fsutil.write_atomic`` through ``<name>.tmp`` (the temp name the adapter always used):
+    readers see the old file or the new one, never a torn one."""
+    write_atomic(path, write, tmp=path.with_name(path.name + ".tmp"))
 
 
 def save_adapter(model: nn.Module, directory, delta: torch.Tensor | None = None,
@@ -226,14 +162,21 @@ def save_adapter(model: nn.Module, directory, delta: torch.Tensor | None = None,
     return directory
 
 
+def _read(path: Path, load, errors: tuple, missing: str, damaged: str):
+    """``load(path)``, or an AdapterError naming ``path``: not there, or not readable (``damaged``
+    is formatted with the error as ``e``)."""
+    if not path.is_file():
+        raise AdapterError(f"{path} not found{missing}")
+    try:
+        return load(path)
+    except errors as e:
+        raise AdapterError(f"{path} " + damaged.format(e=e)) from None
+
+
 def read_adapter_config(directory) -> dict:
     path = Path(directory) / CONFIG_FILE
-    if not path.is_file():
-        raise AdapterError(f"{path} not found: not a propulsion adapter directory")
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{path} is not valid JSON: {e}") from None
+    meta = _read(path, lambda p: json.loads(p.read_text()), (json.JSONDecodeError, UnicodeDecodeError),
+                 ": not a propulsion adapter directory", "is not valid JSON: {e}")
     if not isinstance(meta, dict) or not isinstance(meta.get("propulsion"), dict) \
             or not isinstance(meta.get("targets"), dict):
         raise AdapterError(f"{path} lacks 'propulsion' and 'targets': not a propulsion adapter config")
@@ -243,48 +186,27 @@ def read_adapter_config(directory) -> dict:
     return meta
 
 
+def adapter_config(meta: dict, directory) -> PropulsionConfig:
+    """The PropulsionConfig an adapter was trained with, from its ``read_adapter_config`` dict."""
+    try:
+        return PropulsionConfig(**meta["propulsion"])
+    except (TypeError, ValueError) as e:
+        raise AdapterError(f"{Path(directory) / CONFIG_FILE}: bad 'propulsion' section ({e})") from None
+
+
 def read_adapter_weights(directory) -> dict:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    path = Path(directory) / WEIGHTS_FILE
-    if not path.is_file():
-        raise AdapterError(f"{path} not found")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise AdapterError(f"{path} is truncated or corrupted ({e})") from None
-
-
-def check_compatible(model: nn.Module, meta: dict, where="adapter") -> None:
-    arch = type(model).__name__
-    if meta.get("architecture") != arch:
-        raise AdapterError(f"{where} was made for {meta.get('architecture')}, this model is {arch}")
-    state = _require_state(model)
-    ours = {s.name: s.size for s in state.slots}
-    theirs = meta["targets"]
-    for name, size in theirs.items():
-        if name not in ours:
-            raise AdapterError(f"{where} targets module {name!r}, which this model does not have "
-                               f"(or which this injection does not target)")
-        if ours[name] != size:
-            raise AdapterError(f"{where} module {name!r} has {size} channels, this model's has {ours[name]}: "
-                               f"the adapter was made for a model of other sizes")
-    extra = [n for n in ours if n not in theirs]
-    if extra:
-        raise AdapterError(f"model targets {extra[0]!r}, which the {where} does not contain")
+    return _read(Path(directory) / WEIGHTS_FILE, lambda p: load_file(str(p)),
+                 (SafetensorError, OSError, ValueError), "", "is truncated or corrupted ({e})")
 
 
 def load_adapter(model: nn.Module, directory) -> nn.Module:
     """Inject (if not yet) with the adapter's config and load its z values."""
     meta = read_adapter_config(directory)
-    try:
-        config = PropulsionConfig(**meta["propulsion"])
-    except (TypeError, ValueError) as e:
-        raise AdapterError(f"{Path(directory) / CONFIG_FILE}: bad 'propulsion' section ({e})") from None
-    arch = type(model).__name__
-    if meta.get("architecture") != arch:
-        raise AdapterError(f"adapter was made for {meta.get('architecture')}, this model is {arch}")
+    config = adapter_config(meta, directory)
+    check_architecture(model, meta)           # before inject: a wrong model is left as it was
     state = get_state(model)
     if state is not None and state.config != config:
         raise AdapterError(f"model already carries Propulsion {state.config.to_dict()}, "
@@ -294,34 +216,4 @@ def load_adapter(model: nn.Module, directory) -> nn.Module:
         inject(model, config)
     check_compatible(model, meta)
     load_adapter_state_dict(model, weights)
-    return model
-
-
-def meta_skeleton(base, trust_remote_code: bool = False) -> nn.Module:
-    """The base model's skeleton on the meta device, from its config.json alone (no weights)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        cfg = AutoConfig.from_pretrained(str(base), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise AdapterError(f"cannot read the base model's config from {str(base)!r} ({first})") from None
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
-
-
-def injected_skeleton(base, meta: dict, pcfg, trust_remote_code: bool = False) -> nn.Module:
-    """``meta_skeleton(base)`` with the adapter's Propulsion injected, checked against ``meta``
-    (architecture, target names and sizes): what the offline merge and the exports plan from."""
-    from propulsion_ds.method.propulsion import inject
-
-    model = meta_skeleton(base, trust_remote_code)
-    arch = type(model).__name__
-    if meta.get("architecture") != arch:
-        raise AdapterError(f"adapter was made for {meta.get('architecture')}, the base model {base} is {arch}")
-    try:
-        inject(model, pcfg)
-    except ValueError as e:
-        raise AdapterError(f"adapter's targets do not fit {base}: {e}") from None
-    check_compatible(model, meta)
     return model

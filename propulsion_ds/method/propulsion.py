@@ -160,9 +160,11 @@ def channel_scales(model: nn.Module, delta: torch.Tensor | None = None) -> dict:
     export. ``delta`` (n, total_d_out) must be whole (gathered), not a ZeRO-3 shard.
     """
     state = _require_state(model)
-    delta = getattr(model, DELTA_NAME) if delta is None else delta
-    full = scale_from_delta(delta.detach(), state.config.degree)
-    return {s.name: full[s.offset:s.offset + s.size] for s in state.slots}
+    delta = (getattr(model, DELTA_NAME) if delta is None else delta).detach()
+    # Per target, from its own slice, as the hook does: one reduction over the whole delta
+    # rounds a multi-vector mean differently (by an ulp) from the scale training multiplied by.
+    return {s.name: scale_from_delta(delta[:, s.offset:s.offset + s.size], state.config.degree)
+            for s in state.slots}
 
 
 def _require_state(model: nn.Module) -> PropulsionState:
