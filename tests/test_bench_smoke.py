@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from bench import speed  # noqa: E402
+from bench import speed_report  # noqa: E402  (bench/ is a namespace package under the repository root)
 
 
 def _run(args, tmp_path, timeout):
@@ -76,14 +75,44 @@ def test_speed_summary_and_table_from_a_fixed_result():
                        "ia3": row(2.5, 10, 120), "lora": row(3.0, 1000, 12000)}}
     mem = {k: {"peak_per_rank": [100.0, 101.0], "base_per_rank": [50.0, 50.0], "kind": "peak RSS"}
            for k in result["rows"]}
-    s = speed.summarize(result, mem)
+    s = speed_report.summarize(result, mem)
     p = s["rows"]["propulsion"]
     assert p["x_floor"] == pytest.approx(1.02) and p["x_bare"] == pytest.approx(2.04)
     assert p["x_floor_paired"] == pytest.approx(1.02)
     assert s["targets"]["propulsion_le_1.05x_floor"] and s["targets"]["propulsion_below_both_peft"]
     assert s["targets"]["opt_state_ge_10x_smaller_than_lora"] and s["targets"]["memory_le_1.02x_floor"]
-    text = speed.table(s)
+    text = speed_report.table(s)
     assert text.count("\n") == 6 and "propulsion-ds k=15" in text
+
+
+def test_speed_groups_ratio_each_row_to_its_own_floor():
+    """--group-size: rows timed in later process groups are compared with the floor timed beside
+    them, not with the first group's (the load differs between groups)."""
+    from bench import speed
+    assert speed.timing_groups(["bare", "floor", "propulsion", "ia3", "lora", "full"], 1) == [
+        ["bare", "floor", "propulsion"], ["floor", "ia3"], ["floor", "lora"], ["floor", "full"]]
+    assert speed.timing_groups(["floor", "lora", "propulsion"], 2) == [["floor", "propulsion", "lora"]]
+    assert speed.timing_groups(["bare", "floor", "lora"], None) == [["bare", "floor", "lora"]]
+
+    def row(t, opt=12):
+        times = [t] * 4
+        return {"trainable": 1, "optimizer_state_bytes_per_rank": opt, "step_times_s": times, "median_step_s": t,
+                "cpu_times_s": times, "median_cpu_s": t, "tokens_per_step": 1000.0}
+
+    def part(rows, load):
+        return {"model": "m", "settings": {"per_round": 2, "micro_batch": 1, "seq": 8}, "rows": rows,
+                "machine": {"device": "cpu", "ranks": 2, "date": "d", "load_avg_1_5_15": [load] * 3},
+                "load_avg_end": load}
+    first = part({"bare": row(1.0), "floor": row(2.0), "propulsion": row(2.1, 120)}, 4.0)
+    quiet = part({"floor": row(1.0), "lora": row(1.4, 12000)}, 1.0)     # a less loaded machine
+    s = speed_report.summarize(speed_report.merge_groups([first, quiet]), None)
+    lora, prop = s["rows"]["lora"], s["rows"]["propulsion"]
+    assert lora["x_floor"] == pytest.approx(1.4) and lora["x_floor_paired"] == pytest.approx(1.4)
+    assert lora["x_bare"] == pytest.approx(1.4 * 2.0 / 1.0)             # through its own group's floor
+    assert prop["x_floor"] == pytest.approx(1.05) and s["rows"]["floor"]["median_step_s"] == 2.0
+    assert s["targets"]["propulsion_below_both_peft"]                   # 1.05x < 1.4x, though 2.1 s > 1.4 s
+    assert [g["rows"] for g in s["groups"]] == [["bare", "floor", "propulsion"], ["floor", "lora"]]
+    assert speed_report.table(s).count("\n") == 5
 
 
 def test_zero_stage_comparison_from_fixed_results():
@@ -95,10 +124,10 @@ def test_zero_stage_comparison_from_fixed_results():
     for rows in (z3, z2):
         for r in rows.values():
             r["x_bare"] = r["median_step_s"] / rows["bare"]["median_step_s"]
-    cmp = speed.compare_stages({2: {"rows": z2}, 3: {"rows": z3}})
+    cmp = speed_report.compare_stages({2: {"rows": z2}, 3: {"rows": z3}})
     assert cmp["floor_overhead_removed"] == pytest.approx((2.2 - 1.3) / (2.2 - 1))
     assert cmp["rows"]["propulsion"]["zero2_over_zero3"] == pytest.approx(1.32 / 2.25)
-    assert speed.stages_table(cmp).count("\n") == 4
+    assert speed_report.stages_table(cmp).count("\n") == 4
 
 
 def test_memory_check_compares_planner_with_measured_delta():
