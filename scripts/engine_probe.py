@@ -107,6 +107,7 @@ def optimizer_facts(engine) -> dict:
 def probe_one(run: dict, args) -> dict:
     import torch
     from propulsion_ds.config.load import load_config
+    from propulsion_ds.train.adapter_out import full_delta
     from propulsion_ds.train.recipe import Trainer
     from propulsion_ds.model import DTYPES
     from propulsion_ds.method.propulsion import DELTA_NAME
@@ -122,7 +123,7 @@ def probe_one(run: dict, args) -> dict:
         before = model_tensors(model, DELTA_NAME)
         history = trainer.train()
         after = model_tensors(model, DELTA_NAME)
-        delta = trainer._full_delta()
+        delta = full_delta(trainer.model)
         report = {
             "name": run["name"], "rank": trainer.rank, "world": trainer.world,
             "stage": trainer.ds_config.get("zero_optimization", {}).get("stage", 0),

@@ -1,0 +1,102 @@
+"""The DeepSpeed engine around the frozen model: built with our optimizer and schedule so one
+veto can discard a non-finite update on every ZeRO stage, and stepped at the boundary."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from propulsion_ds.method.propulsion import trainable_parameters
+from propulsion_ds.train.guards import UpdateGuard, guarded_adamw, guarded_lambda_lr
+from propulsion_ds.train.schedule import lr_lambda
+
+log = logging.getLogger(__name__)
+
+
+class DSEngine:
+    def __init__(self, model, ds_config: dict, train_cfg, max_steps: int):
+        import deepspeed
+
+        self.model = model
+        self.guard = UpdateGuard()
+        params = trainable_parameters(model)
+        # Ours, never DeepSpeed's (config validation refuses an optimizer section): the guard can
+        # then veto a non-finite update on every ZeRO stage.
+        optimizer = guarded_adamw(params, self.guard, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+        schedule = lr_lambda(train_cfg.schedule, train_cfg.warmup_steps, max_steps)
+        # ZeRO-0 with bf16/fp16 wraps the optimizer in FP16_UnfusedOptimizer, whose set-up runs
+        # optimizer.step() on zero grads: Adam's step count would start one ahead. Veto it.
+        self.guard.skip = True
+        try:
+            self.engine, *_ = deepspeed.initialize(
+                model=model, model_parameters=params, optimizer=optimizer, config=ds_config,
+                lr_scheduler=lambda opt: guarded_lambda_lr(opt, schedule, self.guard))
+        finally:
+            self.guard.skip = False
+        self.stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+        self.fp16 = bool(ds_config.get("fp16", {}).get("enabled"))
+        # ZeRO-0 in fp32 clips without keeping the norm (get_global_grad_norm() is None): measure
+        # it ourselves at the boundary, where the gradients are already all-reduced.
+        self._own_grad_norm = self.stage == 0 and not self.fp16 and not ds_config.get("bf16", {}).get("enabled")
+        self._grad_norm = None
+        self.lr = float(train_cfg.lr)
+
+    def boundary_step(self, veto: bool) -> bool:
+        """engine.step() at the accumulation boundary; whether the update was applied.
+
+        Not applied: a rank saw a non-finite gradient (``veto``: our guard then stops AdamW and the
+        schedule on every rank alike) or DeepSpeed skipped the step itself (fp16 overflow, ZeRO-3
+        non-finite norm). The LR read here, before the step, is the one this update uses.
+        """
+        self.guard.skip = veto
+        skipped_before = self.engine.skipped_steps
+        if self._own_grad_norm:
+            self._grad_norm = _grad_norm(self.model)
+        self.lr = float(self.engine.get_lr()[0])
+        try:
+            self.engine.step()
+        finally:
+            self.guard.skip = False
+        return not veto and self.engine.skipped_steps == skipped_before
+
+    def grad_norm(self) -> float | None:
+        if self._own_grad_norm:
+            return self._grad_norm
+        norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            return None
+        return float(norm.item() if torch.is_tensor(norm) else norm)
+
+
+def _grad_norm(model) -> float:
+    grads = [p.grad.float().norm() for p in trainable_parameters(model) if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
+
+
+def log_partitioning(model) -> None:
+    """Say how much of the model ZeRO-3 really partitions: tensors at or under
+    stage3_param_persistence_threshold stay whole on every rank (a tiny model: all of them)."""
+    params = [p for p in model.parameters() if hasattr(p, "ds_tensor")]
+    if not params:
+        return
+    # Persistent tensors keep a shard too, but are gathered once and kept whole on every rank.
+    split = [p for p in params if not getattr(p, "ds_persist", False) and p.ds_tensor.numel() < p.ds_numel]
+    log.info("ZeRO-3 partitioning: %d of %d parameter tensors partitioned; this rank holds %d of "
+             "%d elements", len(split), len(params), sum(p.ds_tensor.numel() for p in params),
+             sum(p.ds_numel for p in params))
+
+
+def numel(params) -> int:
+    """Elements of ``params``, counting a ZeRO-3 partitioned tensor whole."""
+    return sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in params)
+
+
+def model_width(path: str, model_cfg) -> int | None:
+    """hidden_size from the model's config: "auto" ZeRO buckets follow it (h*h, 0.9*h*h, 10*h), as
+    the memory planner assumes; without it DeepSpeed's 5e8-element defaults cost ~1 GB per GPU."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
+    config = getattr(config, "text_config", None) or config
+    h = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+    return int(h) if h else None
