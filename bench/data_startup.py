@@ -23,8 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench import common  # noqa: E402
+import common  # a sibling: bench/ is sys.path[0] when a bench script runs as a file
 
 GSM8K = Path("/work/shared/data/gsm8k_train.jsonl")
 MAX_LENGTH = 512

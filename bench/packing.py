@@ -24,13 +24,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench import common  # noqa: E402
+import common  # a sibling: bench/ is sys.path[0] when a bench script runs as a file
 
 SEEDS = Path("/work/shared/data/self_instruct_seed_tasks.jsonl")
 LLAMA2 = common.ROOT / "tests" / "fixtures" / "llama2-tokenizer"

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import json
 import math
 import multiprocessing as mp
 import os
@@ -48,8 +47,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench import common  # noqa: E402
+import common  # a sibling: bench/ is sys.path[0] when a bench script runs as a file
 
 # name: (label, LR grid). Grids are centred on what each parameterisation needs: the scale's
 # step is ~k x lr for propulsion (k acts as a learning-rate multiplier, DESIGN §1).
