@@ -19,17 +19,16 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
 
+from propulsion_ds.errors import ConfigError, ExportError
 from propulsion_ds.method.adapter import meta_skeleton, save_adapter
-from propulsion_ds.train.checkpoint import META_FILE, CheckpointError, read_step_meta, safe_torch_load
-from propulsion_ds.config import ConfigError
-from propulsion_ds.tools.export_peft import ExportError, commit, prepare_out
 from propulsion_ds.method.propulsion import DELTA_NAME, get_state, inject
+from propulsion_ds.tools.outdir import check_export_out, staged
+from propulsion_ds.train.checkpoint import META_FILE, CheckpointError, read_step_meta, safe_torch_load
 
 log = logging.getLogger(__name__)
 
@@ -174,13 +173,9 @@ def adapter_from_checkpoint(step_dir, out, *, config=None, base=None, overwrite:
         raise ExportError(f"{step_dir}: {DELTA_NAME} has {delta.numel()} values, the model expects {shape}")
     _set_trained_biases(model, params)
 
-    tmp = prepare_out(out, overwrite, step_dir)
-    try:
+    check_export_out(out, overwrite, step_dir)
+    with staged(out) as tmp:
         save_adapter(model, tmp, delta=delta.reshape(shape))
-        commit(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     step = meta.get("step")
     return CheckpointExport(out=out, step=step if isinstance(step, int) else None, zero_stage=stage,
                             world_size=int(meta.get("world_size", 1)), trainable=state.trainable_count)

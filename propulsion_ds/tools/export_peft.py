@@ -15,29 +15,27 @@ What IA3 cannot express, refused with the setting named: a scaled input embeddin
 (``propulsion.train_bias``: IA3 only scales). The export is one-way: z and k cannot be recovered
 from z**k, so training resumes from our own adapter / checkpoint format, never from the export.
 
-The scale is computed by ``propulsion.scale_from_delta`` from each target's slice, as the training
-hook does, so the exported values are the ones the hook multiplies by.
+The scale is ``propulsion.channel_scales`` of the delta the adapter holds (``adapter.adapter_delta``),
+as the training hook computes it, so the exported values are the ones the hook multiplies by.
 """
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
 
-from propulsion_ds.method.adapter import KEY_SUFFIX, AdapterError, injected_skeleton, read_adapter_config, read_adapter_weights
-from propulsion_ds.fsutil import replace_dir
-from propulsion_ds.method.propulsion import PropulsionConfig, scale_from_delta
-from propulsion_ds.errors import ExportError  # noqa: F401
+from propulsion_ds.errors import ExportError
+from propulsion_ds.method.adapter import (KEY_SUFFIX, adapter_config, adapter_delta, injected_skeleton,
+                                          read_adapter_config, read_adapter_weights)
+from propulsion_ds.method.propulsion import PropulsionConfig, channel_scales
+from propulsion_ds.tools.outdir import check_export_out, staged
 
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."      # what get_peft_model_state_dict puts before a module name
 PEFT_SUFFIX = ".ia3_l"
-
 
 
 @dataclass
@@ -46,26 +44,6 @@ class PeftExport:
     modules: int
     fan_in_fan_out: bool
     base_model_name_or_path: str
-
-
-def prepare_out(out: Path, overwrite: bool, *inputs: Path) -> Path:
-    """Check ``out`` may be written; return the temp sibling to write into (renamed by ``commit``)."""
-    for other in inputs:
-        if out.resolve() == other.resolve() or other.resolve() in out.resolve().parents \
-                or out.resolve() in other.resolve().parents:
-            raise ExportError(f"--out {str(out)!r} must not be, contain or lie inside the input {str(other)!r}")
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"--out {str(out)!r} exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ExportError(f"--out {str(out)!r} exists and is not empty; choose a new directory or pass --overwrite")
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def commit(tmp: Path, out: Path) -> None:
-    replace_dir(tmp, out)
 
 
 def _refuse_inexpressible(pcfg: PropulsionConfig, weights: dict) -> None:
@@ -79,28 +57,11 @@ def _refuse_inexpressible(pcfg: PropulsionConfig, weights: dict) -> None:
                           f"trained biases; use launch/merge.py (or our adapter format) for this adapter")
 
 
-def ia3_vectors(meta: dict, weights: dict) -> dict:
-    """{module name: fp32 z**k of shape (d_out, 1)} in the adapter's target order.
-
-    Each target's scale is ``scale_from_delta`` of its own (n, d_out) slice of the delta, as the
-    training hook computes it (z - 1 is exact for z in [0.5, 2] by Sterbenz, and 1 + (z - 1) == z).
-    """
-    pcfg = PropulsionConfig(**meta["propulsion"])
-    n = pcfg.num_vectors
-    out = {}
-    for name, size in meta["targets"].items():
-        key = name + KEY_SUFFIX
-        if key not in weights:
-            raise AdapterError(f"adapter is missing key {key!r}")
-        z = weights[key]
-        want = (size,) if n == 1 else (n, size)
-        if tuple(z.shape) != want:
-            raise AdapterError(f"adapter key {key!r} has shape {tuple(z.shape)}, its config says {want}")
-        out[name] = scale_from_delta(z.float().reshape(n, size) - 1.0, pcfg.degree).reshape(-1, 1).contiguous()
-    unexpected = [k for k in weights if k.endswith(KEY_SUFFIX) and k[:-len(KEY_SUFFIX)] not in meta["targets"]]
-    if unexpected:
-        raise AdapterError(f"adapter has unexpected key {unexpected[0]!r}")
-    return out
+def ia3_vectors(model: nn.Module, weights: dict) -> dict:
+    """{module name: fp32 z**k of shape (d_out, 1)} in the model's target order (the adapter's:
+    ``injected_skeleton`` checked that), from the adapter's tensors ``weights``."""
+    scales = channel_scales(model, adapter_delta(model, weights))
+    return {name: s.reshape(-1, 1).contiguous() for name, s in scales.items()}
 
 
 def peft_config(targets: list, fan_in_fan_out: bool, base_name: str) -> dict:
@@ -157,10 +118,7 @@ def export_peft(adapter, out, *, base=None, base_name: str | None = None, overwr
     if not adapter.is_dir():
         raise ExportError(f"--adapter: directory not found: {str(adapter)!r}")
     meta = read_adapter_config(adapter)
-    try:
-        pcfg = PropulsionConfig(**meta["propulsion"])
-    except (TypeError, ValueError) as e:
-        raise AdapterError(f"{adapter}: bad 'propulsion' section ({e})") from None
+    pcfg = adapter_config(meta, adapter)
     weights = read_adapter_weights(adapter)
     _refuse_inexpressible(pcfg, weights)
 
@@ -171,23 +129,22 @@ def export_peft(adapter, out, *, base=None, base_name: str | None = None, overwr
     model = injected_skeleton(base, meta, pcfg, trust_remote_code)
     fan_in_fan_out = _module_kinds(model, meta["targets"])
 
-    vectors = ia3_vectors(meta, weights)
+    vectors = ia3_vectors(model, weights)
     name = base_name if base_name is not None else str(base)
-    tmp = prepare_out(out, overwrite, adapter)
-    try:
+    check_export_out(out, overwrite, adapter)
+    with staged(out) as tmp:
         save_file({PEFT_PREFIX + k + PEFT_SUFFIX: v for k, v in vectors.items()},
                   str(tmp / PEFT_WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / PEFT_CONFIG_FILE).write_text(
             json.dumps(peft_config(list(vectors), fan_in_fan_out, name), indent=2) + "\n")
-        (tmp / "README.md").write_text(
-            f"peft IA3 adapter exported from the Propulsion adapter {adapter} (degree k={pcfg.degree}, "
+        (tmp / "README.md").write_text(_readme(adapter, pcfg))
+    return PeftExport(out=out, modules=len(vectors), fan_in_fan_out=fan_in_fan_out,
+                      base_model_name_or_path=name)
+
+
+def _readme(adapter: Path, pcfg: PropulsionConfig) -> str:
+    return (f"peft IA3 adapter exported from the Propulsion adapter {adapter} (degree k={pcfg.degree}, "
             f"{pcfg.num_vectors} vector(s) per module): ia3_l = z**k"
             f"{' averaged over the vectors' if pcfg.num_vectors > 1 else ''}.\n"
             f"One-way: z and k cannot be recovered from z**k; resume training from the Propulsion "
             f"adapter or checkpoint, not from this directory.\n")
-        commit(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return PeftExport(out=out, modules=len(vectors), fan_in_fan_out=fan_in_fan_out,
-                      base_model_name_or_path=name)
