@@ -25,8 +25,8 @@ import os
 import sys
 import tempfile
 
-
 from launch.common import fail, setup_logging
+from launch.tool import one_line_errors
 
 
 def parse_args(argv=None):
@@ -58,13 +58,11 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logging()
-    from propulsion_ds.method.adapter import AdapterError
-    from propulsion_ds.train.checkpoint import CheckpointError
     from propulsion_ds.tools.export_checkpoint import adapter_from_checkpoint
-    from propulsion_ds.tools.export_peft import ExportError, export_peft
+    from propulsion_ds.tools.export_peft import export_peft
 
     remote = True if args.trust_remote_code else None
-    try:
+    with one_line_errors(squash=True):
         if args.checkpoint is not None:
             if args.to == "propulsion":
                 r = adapter_from_checkpoint(args.checkpoint, args.out, config=args.config, base=args.base,
@@ -80,10 +78,6 @@ def main(argv=None) -> int:
         else:
             p = export_peft(args.adapter, args.out, base=args.base, base_name=args.base_name,
                             overwrite=args.overwrite, trust_remote_code=bool(remote))
-    except (ExportError, AdapterError, CheckpointError) as e:
-        fail(" ".join(str(e).split()))
-    except OSError as e:
-        fail(f"{e.filename or ''}: {e.strerror or e}".lstrip(": "))
     print(f"wrote a peft IA3 adapter ({p.modules} modules, ia3_l = z**k, feedforward_modules [], "
           f"fan_in_fan_out {str(p.fan_in_fan_out).lower()}, base {p.base_model_name_or_path!r}) to {p.out}; "
           f"one-way: resume training from the Propulsion adapter, not from this export")

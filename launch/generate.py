@@ -15,7 +15,6 @@ import argparse
 import os
 import sys
 
-
 from launch.common import fail, setup_logging
 
 

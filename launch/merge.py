@@ -19,8 +19,8 @@ import argparse
 import os
 import sys
 
-
 from launch.common import fail, setup_logging
+from launch.tool import one_line_errors
 
 
 def parse_args(argv=None):
@@ -48,27 +48,25 @@ def main(argv=None) -> int:
         if not os.path.isdir(path):
             fail(f"{what}: directory not found: {path!r}")
     setup_logging()
-    from propulsion_ds.method.adapter import AdapterError
-    from propulsion_ds.tools.merge import MergeError, VerificationError, merge
+    from propulsion_ds.tools.merge import merge
 
-    try:
+    with one_line_errors():
         result = merge(args.base, args.adapter, args.out, untie=args.untie, verify=args.verify,
                        progress=not args.no_progress, overwrite=args.overwrite,
                        trust_remote_code=args.trust_remote_code, dtype=args.dtype)
-    except VerificationError as e:
-        fail(str(e), 1)
-    except (MergeError, AdapterError) as e:
-        fail(str(e))
-    except OSError as e:
-        fail(f"{e.filename or ''}: {e.strerror or e}".lstrip(": "))
+    print(summary(result, args.dtype))
+    return 0
+
+
+def summary(result, dtype_arg) -> str:
+    """The one line a successful merge prints."""
     check = "not verified" if result.max_rel_err is None else \
         f"verified: max relative logit difference {result.max_rel_err:.2e}"
     dtypes = "/".join(result.dtypes) or "no floating tensors"
     biases = f", {result.trained_biases} trained biases from the adapter" if result.trained_biases else ""
-    print(f"merged {result.scaled_tensors} tensors over {result.shards} shard(s) into {result.out}"
-          f"{' (lm_head untied)' if result.untied else ''}{biases}; dtype {dtypes} "
-          f"({'the base checkpoint' + chr(39) + 's' if args.dtype is None else '--dtype'}); {check}")
-    return 0
+    source = "the base checkpoint's" if dtype_arg is None else "--dtype"
+    return (f"merged {result.scaled_tensors} tensors over {result.shards} shard(s) into {result.out}"
+            f"{' (lm_head untied)' if result.untied else ''}{biases}; dtype {dtypes} ({source}); {check}")
 
 
 if __name__ == "__main__":
