@@ -83,15 +83,24 @@ def test_epochs_list_of_data_and_inline_deepspeed(tmp_path):
     raw = valid_raw()
     del raw["train"]["max_steps"]
     raw["train"]["epochs"] = 2
+    # assets/data holds .jsonl files beside the .txt: one data set is one kind of file, refused
+    # at validation as the loader would refuse it.
     raw["data"]["train"] = [TEXT, str(REPO / "assets/data/*.txt"), str(REPO / "assets/data")]
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(write(tmp_path, raw))
+    assert_one_line_error(excinfo, "data.train: mixes file types (json, text)")
+    texts = tmp_path / "texts"
+    (texts / "more").mkdir(parents=True)
+    (texts / "more" / "b.txt").write_text(Path(TEXT).read_text()[:2000])
+    (texts / "a.txt").write_text(Path(TEXT).read_text()[2000:4000])
+    raw["data"]["train"] = [TEXT, str(REPO / "assets/data/*.txt"), str(texts)]
     raw["data"]["eval"] = TEXT
     raw["deepspeed"] = {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto"}
     raw["resume"] = "auto"
     cfg = load_config(write(tmp_path, raw))
     assert cfg.train.epochs == 2 and cfg.resume == "auto"
     files = expand_data_paths(cfg.data.train)
-    assert files[:2] == [TEXT, TEXT] and TEXT in files[2:]
-    assert all(os.path.dirname(f) == str(REPO / "assets/data") for f in files)
+    assert files == [TEXT, TEXT, str(texts / "a.txt"), str(texts / "more" / "b.txt")]
 
 
 def test_saved_dataset_directory_is_accepted(tmp_path):

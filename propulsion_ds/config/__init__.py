@@ -1,3 +1,5 @@
-"""Run configuration: the schema (dataclasses) and, in `load`, reading, checking and resolving it."""
+"""Run configuration: the schema (dataclasses, ``schema.py``) and, in ``load``, reading, checking
+and resolving it (``build``, ``validate``, ``paths``, ``deepspeed``); ``reference`` renders the
+README's table of every key from the schema."""
 from propulsion_ds.config.schema import *  # noqa: F401,F403
 from propulsion_ds.config.schema import ConfigError, RunConfig  # noqa: F401

@@ -11,22 +11,21 @@ import os
 from typing import Any, Optional, Sequence, Union
 
 import datasets
-from propulsion_ds.errors import DataError  # noqa: F401
+from propulsion_ds.errors import DataError
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED_EXTENSIONS = (".jsonl", ".json", ".txt", ".parquet")
+_EXTS = ", ".join(SUPPORTED_EXTENSIONS)
 _BUILDERS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet"}
+# Files `datasets.save_to_disk` writes: state.json for a Dataset, dataset_dict.json for a DatasetDict.
+SAVED_DATASET_MARKERS = ("state.json", "dataset_dict.json")
 
 Spec = Union[str, Sequence[str]]
 
 
-
 def _is_saved_dataset(path: str) -> bool:
-    return os.path.isdir(path) and (
-        os.path.isfile(os.path.join(path, "state.json"))
-        or os.path.isfile(os.path.join(path, "dataset_dict.json"))
-    )
+    return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, m)) for m in SAVED_DATASET_MARKERS)
 
 
 def _ext(path: str) -> str:
@@ -55,46 +54,76 @@ def describe(spec: Spec) -> str:
     return items[0] if len(items) == 1 else f"{items[0]} (+{len(items) - 1} more)"
 
 
-def resolve_files(spec: Spec) -> list[str]:
-    """Expand a spec (a path or list of paths: files, globs, directories) into data files.
+def _problem(where: Optional[str], path: str, as_field: str, as_file: str) -> DataError:
+    """Validation (``where`` = the config field) leads with the field the user edits; loading
+    leads with the file. Both wordings are pinned by tests (the CLI's and the data layer's)."""
+    return DataError(f"{where}: {as_field}" if where else f"{path}: {as_file}")
 
-    A directory written by ``Dataset.save_to_disk`` resolves to ``[that directory]`` and must be
-    the only entry. Any other directory contributes the supported files under it (recursively,
-    hidden files skipped). The result is de-duplicated and, per entry, sorted, so it is the same
-    on every rank and every run.
+
+def _expand_entry(item: str, where: Optional[str]) -> list[str]:
+    if glob.has_magic(item):
+        found = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
+        if not found:
+            raise _problem(where, item, f"glob {item!r} matches no files", "glob matches no files")
+        return found
+    if os.path.isdir(item):
+        found = sorted(
+            p for p in glob.glob(os.path.join(item, "**", "*"), recursive=True)
+            if os.path.isfile(p) and _ext(p) in SUPPORTED_EXTENSIONS
+            and not any(part.startswith(".") for part in os.path.relpath(p, item).split(os.sep)))
+        if not found:
+            raise _problem(where, item, f"directory {item!r} is neither a saved datasets directory nor "
+                           f"holds data files ({_EXTS})", f"directory holds no data files ({_EXTS})")
+        return found
+    if os.path.isfile(item):
+        return [item]
+    raise _problem(where, item, f"file not found: {item!r}", "no such file or directory")
+
+
+def expand_spec(spec: Spec, field: Optional[str] = None) -> list[str]:
+    """The data files a spec names, in order, duplicates kept; the one expander that config
+    validation (with ``field``, e.g. ``"data.train"``) and loading (:func:`resolve_files`) share.
+
+    Each entry is a file, a glob (``**`` recurses; must match at least one file) or a directory:
+    a ``save_to_disk`` directory must be the only entry and stands for itself, any other
+    directory contributes the supported files under it (recursively, hidden files and
+    directories skipped). Each entry's files are sorted, so the list is the same on every rank
+    and every run. All files must be of one kind (the ``json``, ``text`` or ``parquet``
+    builder). Raises DataError; with ``field`` the message names it (``field[i]`` for a list
+    entry) before the path.
     """
+    items = _as_list(spec)
     out: list[str] = []
-    for item in _as_list(spec):
-        if _is_saved_dataset(item):
-            if len(_as_list(spec)) != 1:
-                raise DataError(f"{item}: a saved datasets directory must be the only entry in the data spec")
-            return [item]
-        if os.path.isdir(item):
-            found = sorted(
-                p for p in glob.glob(os.path.join(item, "**", "*"), recursive=True)
-                if os.path.isfile(p) and _ext(p) in SUPPORTED_EXTENSIONS
-                and not any(part.startswith(".") for part in os.path.relpath(p, item).split(os.sep))
-            )
-            if not found:
-                raise DataError(f"{item}: directory holds no data files ({', '.join(SUPPORTED_EXTENSIONS)})")
-            out.extend(found)
-        elif glob.has_magic(item):
-            found = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
-            if not found:
-                raise DataError(f"{item}: glob matches no files")
-            out.extend(found)
-        elif os.path.isfile(item):
-            out.append(item)
-        else:
-            raise DataError(f"{item}: no such file or directory")
-    files = list(dict.fromkeys(out))
-    for f in files:
-        if _ext(f) not in SUPPORTED_EXTENSIONS:
-            raise DataError(f"{f}: unsupported file type (use {', '.join(SUPPORTED_EXTENSIONS)})")
-    builders = {_BUILDERS[_ext(f)] for f in files}
+    for i, item in enumerate(items):
+        where = None if field is None else f"{field}[{i}]" if not isinstance(spec, str) else field
+        try:
+            if _is_saved_dataset(item):
+                if len(items) != 1:
+                    raise _problem(where, item, f"{item!r} is a saved datasets directory, which must be the "
+                                   "only entry", "a saved datasets directory must be the only entry in the data spec")
+                return [item]
+            files = _expand_entry(item, where)
+        except DataError:
+            raise
+        except (OSError, ValueError) as e:      # permissions, a NUL byte in a glob
+            why = getattr(e, "strerror", None) or e
+            raise _problem(where, item, f"cannot read {item!r}: {why}", f"cannot read: {why}") from None
+        for f in files:
+            if _ext(f) not in SUPPORTED_EXTENSIONS:
+                raise _problem(where, f, f"unsupported file type {f!r} (expected {_EXTS} or a saved "
+                               "datasets directory)", f"unsupported file type (use {_EXTS})")
+        out.extend(files)
+    builders = sorted({_BUILDERS[_ext(f)] for f in out})
     if len(builders) > 1:
-        raise DataError(f"{describe(spec)}: mixes file types ({', '.join(sorted(builders))}); use one kind per data set")
-    return files
+        raise _problem(field, describe(spec), f"mixes file types ({', '.join(builders)}); use one kind per data set",
+                       f"mixes file types ({', '.join(builders)}); use one kind per data set")
+    return out
+
+
+def resolve_files(spec: Spec) -> list[str]:
+    """The data files a spec names, de-duplicated (see :func:`expand_spec`); a saved datasets
+    directory resolves to ``[that directory]``."""
+    return list(dict.fromkeys(expand_spec(spec)))
 
 
 def _check_jsonl(path: str) -> bool:
