@@ -29,9 +29,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from propulsion_ds.errors import MergeError, VerificationError  # noqa: F401
+from propulsion_ds.model import DTYPES as MODEL_DTYPES
 from propulsion_ds.tools.merge_plan import (INDEX_FILE, SINGLE_FILE, Scale, checkpoint_files,  # noqa: F401
                                             plan_merge, read_header)
 from propulsion_ds.tools.merge_verify import (TOLERANCE_16BIT, VERIFY_MAX_BYTES, check_merge,  # noqa: F401
@@ -42,8 +41,8 @@ from propulsion_ds.tools.outdir import staged
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+# The config's short names (model.DTYPES: fp32, bf16, fp16) and torch's own (float32, ...).
+DTYPES = {**MODEL_DTYPES, **{dtype_name(d): d for d in MODEL_DTYPES.values()}}
 
 
 @dataclass
