@@ -12,7 +12,6 @@ import pytest
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from propulsion_ds.tools.memory import (DEEPSPEED_CONFIGS, REPLICATE_HEADROOM, Cluster,  # noqa: E402
                                   PlanError, ZeroSettings, activation_bytes, deepspeed_reference,
                                   layout_zero, method_plan, model_shape, plan_from_run_config,
@@ -166,7 +165,7 @@ def test_cli_bad_config_exit_2(tmp_path):
 
 
 # --------------------------------------------------------------------------- activation table
-def _saved_bytes(model, ids):
+def _saved_bytes(model, ids, **kw):
     """Bytes autograd saves for backward in one forward (unique storages, parameters excluded)."""
     import torch
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -178,7 +177,7 @@ def _saved_bytes(model, ids):
             seen[st.data_ptr()] = st.nbytes()
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=ids, labels=ids)
+        model(input_ids=ids, labels=ids, **kw)
     return sum(seen.values())
 
 
