@@ -8,16 +8,19 @@ Each layout runs in its own 2-rank CPU process group (torchrun, gloo) that build
 ``Trainer`` from a run config (SmolLM2, fp32, tinyshakespeare packed to 128 tokens, micro-batch 2,
 the shipped configs/deepspeed/zero{2,3}.json or plain ZeRO-0), so the DeepSpeed config is resolved
 exactly as the trainer resolves it: ``resolve_deepspeed`` with the model's hidden size, "auto"
-buckets h*h / 0.9*h*h / 10*h. It then runs ``Trainer._train_step`` a few times.
+buckets h*h / 0.9*h*h / 10*h. It then runs ``Trainer.train`` for a few steps, reading the peak
+after each optimizer step (the engine's ``step``), so the final checkpoint save is left out.
 
 What is compared (the same quantity on both sides): the kernel's peak RSS (VmHWM) over the training
-steps minus the same process's RSS right before the trainer builds the model. The baseline holds
-the interpreter, the libraries, the gloo group, the tokenizer and the tokenized data, which the
-planner does not model (on a GPU they are host memory). VmHWM is reset once the engine is built, so
+steps minus the same process's RSS right before the trainer builds the model (read inside
+``AutoModelForCausalLM.from_pretrained``). The baseline holds the interpreter, the libraries (imported
+and their kernels run once on a tiny LLaMA first, ``warm_up``), the gloo group, the tokenizer and the
+tokenized data, which the planner does not model (on a GPU they are host memory). VmHWM is reset once the engine is built, so
 the load-time peak of reading the checkpoint (the planner's host-memory figure) is left out. glibc
 is told to mmap every block of 64 KiB or more (MALLOC_MMAP_THRESHOLD_), so a freed tensor leaves RSS
 and RSS follows live tensors. The estimate is ``method_plan`` on that resolved config, the world
-as one node, fp32, no checkpointing, with the two CPU corrections of ``cpu_resident``.
+as one node, fp32, no checkpointing, masked attention (packed rows), with ``cpu_resident``'s
+correction for buffers that are allocated but never written.
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ The model's shape comes from its config.json: --model-config if given, else
 <model.name_or_path>/config.json, else (for the shipped configs, whose model path is a placeholder
 such as /path/to/llama-2-70b-hf) the matching configs/models/<name>/config.json. The model is built
 on PyTorch's meta device: nothing is downloaded and no weight is allocated. Formulas and their
-sources: propulsion_ds/tools/memory.py. It ends with the layout advice: the replicated frozen base
+sources: the propulsion_ds/tools/memory/ package. It ends with the layout advice: the replicated frozen base
 (ZeRO-2, configs/deepspeed/zero2.json) when it fits a GPU with 20% of its usable memory to spare,
 else ZeRO-3 with ZeRO++ hierarchical partitioning across nodes (configs/deepspeed/zero3_hpz.json,
 zero_hpz_partition_size = GPUs per node), else ZeRO-3, else ZeRO-3 with CPU offload, and prints the
