@@ -66,7 +66,7 @@ def test_tokenizer_adds_bos_itself_so_data_adds_it_explicitly_once(tok):
 def test_packing_real_shakespeare_whole_documents_decode_to_source(tok, cache):
     L = 128
     cfg = DataConfig(train=SHAKESPEARE, format="text", max_length=L, packing=True)
-    built = build_datasets(cfg, tok, seed=0, cache_dir=cache)
+    built = build_datasets(cfg, tok, cache_dir=cache)
     train = built.train
     assert built.eval is None and built.eval_samples is None
     assert train.column_names == ["input_ids", "labels", "position_ids"]
@@ -101,7 +101,7 @@ def test_text_unpacked_one_row_per_document_truncation_counted(tok, cache, tmp_p
     path = write_jsonl(tmp_path / "docs.jsonl", [{"body": d, "n": i} for i, d in enumerate(docs)])
     cfg = DataConfig(train=path, format="text", text_field="body", max_length=32, packing=False)
     with caplog.at_level(logging.WARNING, logger="propulsion_ds.data"):
-        train = build_datasets(cfg, tok, seed=0, cache_dir=cache).train
+        train = build_datasets(cfg, tok, cache_dir=cache).train
     assert len(train) == 3
     for d, row in zip(docs, train):
         full = [tok.bos_token_id] + enc(tok, d) + [tok.eos_token_id]
@@ -114,12 +114,12 @@ def test_missing_text_field_names_field_and_file(tok, cache, tmp_path):
     path = write_jsonl(tmp_path / "docs.jsonl", [{"text": "hi"}])
     cfg = DataConfig(train=path, format="text", text_field="body", max_length=16)
     with pytest.raises(DataError, match=r"docs\.jsonl: no field 'body'.*fields: text"):
-        build_datasets(cfg, tok, seed=0, cache_dir=cache)
+        build_datasets(cfg, tok, cache_dir=cache)
 
 
 def test_short_documents_are_packed_not_dropped(tok, cache, tmp_path):
     path = write_jsonl(tmp_path / "tiny.jsonl", [{"text": "hi"}, {"text": "yo"}])
-    train = build_datasets(DataConfig(train=path, max_length=64), tok, seed=0, cache_dir=cache).train
+    train = build_datasets(DataConfig(train=path, max_length=64), tok, cache_dir=cache).train
     assert len(train) == 1 and document_lengths(train[0]["position_ids"]) == [len(enc(tok, "hi")) + 2,
                                                                             len(enc(tok, "yo")) + 2]
 
@@ -134,7 +134,7 @@ def test_instruction_masking_alpaca_with_and_without_input(tok, cache, tmp_path)
     ]
     path = write_jsonl(tmp_path / "inst.jsonl", rows)
     cfg = DataConfig(train=path, format="instruction", max_length=256, packing=False)
-    train = build_datasets(cfg, tok, seed=0, cache_dir=cache).train
+    train = build_datasets(cfg, tok, cache_dir=cache).train
     assert len(train) == 3
     for r, row in zip(rows, train):
         inp = r.get("input") or ""
@@ -156,7 +156,7 @@ def test_instruction_custom_template(tok, cache, tmp_path):
     path = write_jsonl(tmp_path / "inst.jsonl", [{"instruction": "Greet", "input": "Bob", "output": "Hello Bob."}])
     cfg = DataConfig(train=path, format="instruction", max_length=64, template="Q: {instruction} ({input})\nA:",
                      packing=False)
-    train = build_datasets(cfg, tok, seed=0, cache_dir=cache).train
+    train = build_datasets(cfg, tok, cache_dir=cache).train
     row = train[0]
     targets = [t for t in row["labels"] if t != IGNORE_INDEX]
     assert tok.decode(targets[:-1]) == "Hello Bob."
@@ -166,7 +166,7 @@ def test_instruction_custom_template(tok, cache, tmp_path):
 
     bad = DataConfig(train=path, format="instruction", max_length=64, template="{question}")
     with pytest.raises(DataError, match="data.template"):
-        build_datasets(bad, tok, seed=0, cache_dir=cache)
+        build_datasets(bad, tok, cache_dir=cache)
 
 
 def test_shipped_self_instruct_builds(tok, cache, caplog):
@@ -175,7 +175,7 @@ def test_shipped_self_instruct_builds(tok, cache, caplog):
     assert len(lines) == 175 and all(set(r) == {"instruction", "input", "output"} for r in lines)
     cfg = DataConfig(train=SELF_INSTRUCT, format="instruction", max_length=256, packing=False)
     with caplog.at_level(logging.WARNING, logger="propulsion_ds.data"):
-        train = build_datasets(cfg, tok, seed=0, cache_dir=cache).train
+        train = build_datasets(cfg, tok, cache_dir=cache).train
     assert 0 < len(train) <= 175
     for row in train:
         assert 2 <= len(row["input_ids"]) <= 256 and len(row["labels"]) == len(row["input_ids"])
@@ -194,7 +194,7 @@ def test_truncation_and_drop_counts(tok, cache, tmp_path, caplog):
     path = write_jsonl(tmp_path / "mixed.jsonl", rows)
     cfg = DataConfig(train=path, format="instruction", max_length=160, packing=False)
     with caplog.at_level(logging.WARNING, logger="propulsion_ds.data"):
-        train = build_datasets(cfg, tok, seed=0, cache_dir=cache).train
+        train = build_datasets(cfg, tok, cache_dir=cache).train
     assert len(train) == 2  # the long prompt leaves no target and is dropped
     assert len(train[1]["input_ids"]) == 160 and train[1]["labels"][-1] != IGNORE_INDEX
     assert "mixed.jsonl: 1 of 3 samples longer than max_length=160, truncated from the right and kept" in caplog.text
@@ -205,13 +205,13 @@ def test_every_sample_too_long_is_an_error(tok, cache, tmp_path):
     path = write_jsonl(tmp_path / "long.jsonl", [{"instruction": "x " * 300, "output": "y"}] * 3)
     cfg = DataConfig(train=path, format="instruction", max_length=48)
     with pytest.raises(DataError, match=r"every sample in .*long\.jsonl is longer than max_length=48"):
-        build_datasets(cfg, tok, seed=0, cache_dir=cache)
+        build_datasets(cfg, tok, cache_dir=cache)
 
 
 def test_instruction_missing_output_field(tok, cache, tmp_path):
     path = write_jsonl(tmp_path / "noout.jsonl", [{"instruction": "a", "response": "b"}])
     with pytest.raises(DataError, match=r"noout\.jsonl: no field 'output'"):
-        build_datasets(DataConfig(train=path, format="instruction"), tok, seed=0, cache_dir=cache)
+        build_datasets(DataConfig(train=path, format="instruction"), tok, cache_dir=cache)
 
 
 # ------------------------------------------------------------------------------ file errors
@@ -232,7 +232,7 @@ def test_empty_data_set(tok, cache, tmp_path, name, content):
     path = tmp_path / name
     path.write_text(content)
     with pytest.raises(DataError, match=rf"{name}: empty data set"):
-        build_datasets(DataConfig(train=str(path)), tok, seed=0, cache_dir=cache)
+        build_datasets(DataConfig(train=str(path)), tok, cache_dir=cache)
 
 
 def test_resolve_files_globs_dirs_and_errors(tmp_path, cache):
@@ -293,7 +293,7 @@ def test_chat_happy_path_only_assistant_turns_are_targets(tok, cache, tmp_path):
     chat_tok = copy.deepcopy(tok)
     chat_tok.chat_template = CHAT_TEMPLATE
     train = build_datasets(DataConfig(train=path, format="chat", max_length=128, packing=False), chat_tok,
-                           seed=0, cache_dir=cache).train
+                           cache_dir=cache).train
     assert len(train) == 3
     opened = [t for t in train[2]["labels"] if t != IGNORE_INDEX]
     assert tok.decode(opened[:-1]).strip() == "Welcome." and opened[-1] == tok.eos_token_id
@@ -323,7 +323,7 @@ def test_chat_without_template_is_an_error(tok, cache, tmp_path):
     assert not tok.chat_template
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "x"}]}])
     with pytest.raises(DataError, match="chat template"):
-        build_datasets(DataConfig(train=path, format="chat"), tok, seed=0, cache_dir=cache)
+        build_datasets(DataConfig(train=path, format="chat"), tok, cache_dir=cache)
 
 
 # ------------------------------------------------------------------------------ vocab
@@ -340,7 +340,7 @@ def test_check_vocab(tok):
 def test_eval_fraction_takes_the_raw_tail(tok, cache):
     cfg = DataConfig(train=SELF_INSTRUCT, format="instruction", max_length=4096, eval_fraction=0.1,
                      packing=False)
-    built = build_datasets(cfg, tok, seed=0, cache_dir=cache)
+    built = build_datasets(cfg, tok, cache_dir=cache)
     train, ev = built.train, built.eval
     assert built.eval_samples[:] == ev[:]  # unpacked: the eval rows are the samples
     assert (len(train), len(ev)) == (157, 18)  # round(175 * 0.1) = 18, no sample is dropped at 4096
@@ -349,7 +349,7 @@ def test_eval_fraction_takes_the_raw_tail(tok, cache):
     for row, src in ((train[0], lines[0]), (train[156], lines[156]), (ev[0], lines[157]), (ev[17], lines[174])):
         targets = [t for t in row["labels"] if t != IGNORE_INDEX]
         assert tok.decode(targets[:-1]) == src["output"]
-    again = build_datasets(cfg, tok, seed=123, cache_dir=cache)
+    again = build_datasets(cfg, tok, cache_dir=cache)      # nothing in the build is random
     again, ev2 = again.train, again.eval
     assert again[:] == train[:] and ev2[:] == ev[:]
 
@@ -358,7 +358,7 @@ def test_eval_from_its_own_files(tok, cache, tmp_path):
     path = write_jsonl(tmp_path / "ev.jsonl", [{"instruction": "a", "output": "b"}] * 4)
     cfg = DataConfig(train=SELF_INSTRUCT, eval=path, format="instruction", max_length=4096, eval_fraction=0.5,
                      packing=False)
-    built = build_datasets(cfg, tok, seed=0, cache_dir=cache)
+    built = build_datasets(cfg, tok, cache_dir=cache)
     train, ev = built.train, built.eval
     assert len(train) == 175 and len(ev) == 4  # eval set => eval_fraction is not used
 
@@ -398,7 +398,7 @@ def test_collate_pads_right_and_masks(tok, cache, tmp_path):
         collate(rows, pad_id=0, max_length=2)
 
     path = write_jsonl(tmp_path / "inst.jsonl", [{"instruction": f"Task {i}.", "output": "ok " * i} for i in range(9)])
-    train = build_datasets(DataConfig(train=path, format="instruction", max_length=160, packing=False), tok, 0,
+    train = build_datasets(DataConfig(train=path, format="instruction", max_length=160, packing=False), tok,
                            cache_dir=cache).train
     plan = epoch_batches(train, 4, 1, 2, seed=3, epoch=0)
     batch = get_batch(train, plan[0], pad_token_id(tok))

@@ -33,11 +33,6 @@ class Built:
     cache_path: Optional[str] = None
     built: bool = True
 
-    def __iter__(self):
-        # transitional: lets `train, ev = build_datasets(...)` callers keep working while they move
-        # to the fields
-        return iter((self.train, self.eval))
-
 
 def _rows(samples: datasets.Dataset, cfg, name: str, work: Work) -> datasets.Dataset:
     if not cfg.packing:
@@ -46,18 +41,15 @@ def _rows(samples: datasets.Dataset, cfg, name: str, work: Work) -> datasets.Dat
     return pack(samples, cfg.max_length, name, split_long=cfg.format == "text", out_file=out)
 
 
-def build_datasets(cfg, tokenizer, seed: int = 0, cache_dir: Optional[str] = None,
-                   work: Optional[Work] = None) -> Built:
+def build_datasets(cfg, tokenizer, cache_dir: Optional[str] = None, work: Optional[Work] = None) -> Built:
     """Load, template, tokenize and pack train (and eval) data per ``cfg`` (a ``DataConfig``).
 
     Eval comes from ``cfg.eval`` when set, else the last ``eval_fraction`` of the raw train rows
     (file order, before any shuffle), else None. The result is a pure function of the files, the
-    tokenizer and ``cfg``; ``seed`` is accepted for interface stability but nothing here is random
-    (shuffling is per epoch, in ``epoch_batches``). ``cache_dir`` is passed to
+    tokenizer and ``cfg``: nothing here is random (shuffling is per epoch, in ``epoch_batches``). ``cache_dir`` is passed to
     ``datasets.load_dataset`` (None: HF default); ``work`` says how the maps run (in memory by
     default; ``cache.load_or_build`` builds on disk).
     """
-    del seed
     work = work or Work(num_proc=cfg.num_proc or 1)
     train_name = describe(cfg.train) if cfg.train else "data.train"
     raw = load_raw(cfg.train, cache_dir=cache_dir)
