@@ -25,7 +25,6 @@ The steps live in ``merge_plan`` (what to scale), ``merge_write`` (the shards an
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,8 +37,6 @@ from propulsion_ds.tools.merge_verify import (TOLERANCE_16BIT, VERIFY_MAX_BYTES,
 from propulsion_ds.tools.merge_write import (SAFETENSORS_DTYPES, WEIGHT_SUFFIXES, dtype_name,  # noqa: F401
                                              stored_dtypes, write_shards, write_side_files)
 from propulsion_ds.tools.outdir import staged
-
-log = logging.getLogger(__name__)
 
 # The config's short names (model.DTYPES: fp32, bf16, fp16) and torch's own (float32, ...).
 DTYPES = {**MODEL_DTYPES, **{dtype_name(d): d for d in MODEL_DTYPES.values()}}
