@@ -1,6 +1,7 @@
 """What every entry point shares: quiet logs, one-line errors, and the exit codes."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -29,3 +30,15 @@ def fail(message: str, code: int = EXIT_USAGE) -> "None":
     """One line on stderr naming what is wrong, then exit (no traceback)."""
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(code)
+
+
+@contextlib.contextmanager
+def one_line_errors(squash: bool = False):
+    """PropulsionError -> its message and ``exit_code`` (VerificationError 1, bad input 2);
+    OSError -> the file and the reason, exit 2. ``squash`` joins a multi-line message (DeepSpeed's)."""
+    try:
+        yield
+    except PropulsionError as e:
+        fail(" ".join(str(e).split()) if squash else str(e), e.exit_code)
+    except OSError as e:
+        fail(f"{e.filename or ''}: {e.strerror or e}".lstrip(": "))

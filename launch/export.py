@@ -25,8 +25,7 @@ import os
 import sys
 import tempfile
 
-from launch.common import fail, setup_logging
-from launch.tool import one_line_errors
+from launch.common import fail, one_line_errors, setup_logging
 
 
 def parse_args(argv=None):

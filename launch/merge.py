@@ -19,8 +19,7 @@ import argparse
 import os
 import sys
 
-from launch.common import fail, setup_logging
-from launch.tool import one_line_errors
+from launch.common import fail, one_line_errors, setup_logging
 
 
 def parse_args(argv=None):
