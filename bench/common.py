@@ -85,7 +85,7 @@ def shakespeare(tok, max_length: int, eval_fraction: float = 0.05):
     from propulsion_ds.data import build_datasets
     cfg = DataConfig(train=str(SHAKESPEARE), format="text", max_length=max_length, packing=True,
                      eval_fraction=eval_fraction)
-    built = build_datasets(cfg, tok, seed=0)
+    built = build_datasets(cfg, tok)
     return built.train, built.eval
 
 
