@@ -105,7 +105,7 @@ def run(args) -> tuple[int, str | None, object]:
         return (EXIT_USAGE, f"input/output error on{where}: {hint}; the newest checkpoint is intact "
                             f"(resume with --resume)", cfg)
     except Exception as e:  # noqa: BLE001
-        from propulsion_ds.train.checkpoint import is_peer_failure
+        from propulsion_ds.distributed import is_peer_failure
 
         if not is_peer_failure(e):
             raise

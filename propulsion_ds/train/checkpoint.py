@@ -45,10 +45,6 @@ PARTIAL = ".partial"
 TRASH_PREFIX = "trash-"
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
-# Transitional aliases: the recipe still calls these names; collective/fsutil hold the code.
-agree = collective.agree
-_write_text_atomic = fsutil.write_text_atomic
-
 
 # --------------------------------------------------------------------------- rng
 def rng_state() -> dict:

@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
 from propulsion_ds.collective import rank0_write
 from propulsion_ds.errors import OutputDirError
-from propulsion_ds.fsutil import write_text_atomic
+from propulsion_ds.fsutil import move_aside, write_text_atomic
 from propulsion_ds.train import checkpoint
 
 log = logging.getLogger(__name__)
@@ -17,6 +16,7 @@ log = logging.getLogger(__name__)
 FINISHED_MARKER = "FINISHED"
 # What a run writes into output_dir: --overwrite (or a fresh start over a run that died before
 # its first checkpoint) removes exactly these, nothing else a user keeps there.
+TRASH_PREFIX = ".removing-"    # a hidden sibling: one rename, then a delete a kill may interrupt
 RUN_OUTPUTS = ("checkpoints", "adapter", "tensorboard", "metrics.jsonl", "config.json", FINISHED_MARKER)
 
 
@@ -52,7 +52,7 @@ class RunDir:
     def prepare(self, resume_step: int | None, max_steps: int) -> None:
         """Collective, after every rank has decided resume-or-not: rank 0 clears or tidies."""
         def tidy():
-            for trash in self.out.glob(".*.removing-*"):      # left by a kill mid-clear
+            for trash in self.out.glob(TRASH_PREFIX + "*"):      # left by a kill mid-clear
                 shutil.rmtree(trash, ignore_errors=True)
             if resume_step is None:
                 self._clear_previous_run()
@@ -73,9 +73,7 @@ class RunDir:
         for name in stale:
             path = self.out / name
             if path.is_dir() and not path.is_symlink():
-                trash = self.out / f".{name}.removing-{os.getpid()}"
-                os.replace(path, trash)
-                shutil.rmtree(trash, ignore_errors=True)
+                shutil.rmtree(move_aside(path, self.out, TRASH_PREFIX), ignore_errors=True)
             else:
                 path.unlink()
 
