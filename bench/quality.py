@@ -121,7 +121,7 @@ def _data(max_length: int):
                 (tmp / f"{name}.jsonl").write_text("".join(_json.dumps(r) + "\n" for r in rows))
             cfg = DataConfig(train=str(tmp / "train.jsonl"), eval=str(tmp / "eval.jsonl"), format="chat",
                              max_length=max_length, packing=True)
-            built = data.build_datasets(cfg, tok, seed=0)
+            built = data.build_datasets(cfg, tok)
             train, ev = built.train, built.eval
         else:
             train, ev = common.shakespeare(tok, max_length)
