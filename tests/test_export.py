@@ -189,6 +189,23 @@ def test_peft_refuses_what_ia3_cannot_express(pcfg, setting, tmp_path):
     assert not (tmp_path / "peft").exists()
 
 
+@pytest.mark.parametrize("arch,refused", [("llama-tied", True), ("stories260K", False)])
+def test_peft_refuses_scaled_tied_lm_head(arch, refused, tmp_path):
+    """A scaled lm_head on a tied model: peft's merge_and_unload would scale the one shared weight
+    (the embedding too), so the export refuses it in one line, as the merge does without --untie.
+    The untied model with the same settings exports."""
+    base_dir = saved_base(arch, tmp_path)
+    adapter = trained_adapter(base_dir, PropulsionConfig(targets="attention", lm_head=True), tmp_path / "adapter")
+    proc = export_cli("--adapter", adapter, "--to", "peft", "--out", tmp_path / "peft", "--base", base_dir)
+    if not refused:
+        assert proc.returncode == 0, tail(proc.stderr)
+        return
+    lines = errors(proc)
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "tie_word_embeddings" in lines[0] and "lm_head" in lines[0]
+    assert not (tmp_path / "peft").exists()
+
+
 def test_peft_refuses_trained_bias_keys(tmp_path):
     """An adapter that carries trained biases (``<module>.bias`` beside the z's) is refused even
     if its config does not say train_bias."""

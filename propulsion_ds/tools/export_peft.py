@@ -12,7 +12,8 @@ table (``down_proj`` for LLaMA), and a feedforward IA3 module scales the module'
 
 What IA3 cannot express, refused with the setting named: a scaled input embedding
 (``propulsion.embeddings``: peft's IA3 has no Embedding layer) and trained biases
-(``propulsion.train_bias``: IA3 only scales). The export is one-way: z and k cannot be recovered
+(``propulsion.train_bias``: IA3 only scales), and a scaled ``lm_head`` tied to the input
+embedding (``tie_word_embeddings``: peft's merge would scale the shared weight, i.e. both). The export is one-way: z and k cannot be recovered
 from z**k, so training resumes from our own adapter / checkpoint format, never from the export.
 
 The scale is ``propulsion.channel_scales`` of the delta the adapter holds (``adapter.adapter_delta``),
@@ -29,7 +30,7 @@ from torch import nn
 from propulsion_ds.errors import ExportError
 from propulsion_ds.method.adapter import (KEY_SUFFIX, adapter_config, adapter_delta, injected_skeleton,
                                           read_adapter_config, read_adapter_weights)
-from propulsion_ds.method.propulsion import PropulsionConfig, channel_scales
+from propulsion_ds.method.propulsion import PropulsionConfig, channel_scales, scaled_tied_pair
 from propulsion_ds.tools.outdir import check_export_out, staged
 
 PEFT_CONFIG_FILE = "adapter_config.json"
@@ -55,6 +56,17 @@ def _refuse_inexpressible(pcfg: PropulsionConfig, weights: dict) -> None:
         what = f" (the adapter holds {extra[0]!r})" if extra else ""
         raise ExportError(f"propulsion.train_bias=true{what}: peft IA3 only scales, it cannot carry "
                           f"trained biases; use launch/merge.py (or our adapter format) for this adapter")
+
+
+def _refuse_tied_head(model: nn.Module) -> None:
+    """A scaled lm_head whose weight is the input embedding's (tie_word_embeddings): peft's
+    merge_and_unload scales that one shared tensor, so the embedding changes too. The merge refuses
+    the same pair (tools/merge_plan.py) unless it may untie, which an IA3 adapter cannot ask for."""
+    pair = scaled_tied_pair(model)
+    if pair is not None:
+        raise ExportError(f"{pair[1]!r} is scaled but shares its weight with {pair[0]!r} "
+                          f"(tie_word_embeddings): peft's merge would scale the embedding too; "
+                          f"use launch/merge.py --untie for this adapter")
 
 
 def ia3_vectors(model: nn.Module, weights: dict) -> dict:
@@ -127,6 +139,7 @@ def export_peft(adapter, out, *, base=None, base_name: str | None = None, overwr
     if not base:
         raise ExportError(f"{adapter} records no base model: pass --base DIR")
     model = injected_skeleton(base, meta, pcfg, trust_remote_code)
+    _refuse_tied_head(model)
     fan_in_fan_out = _module_kinds(model, meta["targets"])
 
     vectors = ia3_vectors(model, weights)
