@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import time
 from pathlib import Path
 from typing import Callable
@@ -29,13 +30,49 @@ def fsync_dir(path: Path) -> None:
         pass
 
 
+def umask() -> int:
+    """The process umask, read without changing it where Linux shows it (``os.umask`` can only be
+    read by setting it, which races with other threads creating files)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def follow_umask(path: Path, mask: int | None = None) -> None:
+    """Give the regular file ``path`` the mode a plain ``open(path, "w")`` would have had,
+    ``0o666 & ~umask``: some writers (safetensors' ``save_file``, anything going through
+    ``tempfile``) create 0600 files, which other users of a shared run directory cannot read."""
+    mode = 0o666 & ~(umask() if mask is None else mask)
+    if stat.S_IMODE(os.stat(path).st_mode) != mode:
+        os.chmod(path, mode)
+
+
+def follow_umask_tree(root: Path) -> None:
+    """``follow_umask`` on every regular file under ``root`` (links are left alone)."""
+    mask = umask()
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            p = Path(dirpath) / name
+            if p.is_file() and not p.is_symlink():
+                follow_umask(p, mask)
+
+
 def write_atomic(path: Path, write: Callable[[Path], object], tmp: Path | None = None) -> None:
     """``write(tmp)``, fsync it, rename it over ``path``. A failed write (disk full) removes the
-    temp file and leaves the old ``path`` as it was. ``tmp`` defaults to ``<name>.tmp<pid>``."""
+    temp file and leaves the old ``path`` as it was. ``tmp`` defaults to ``<name>.tmp<pid>``.
+    The file gets the umask's mode whatever ``write`` created it with (``follow_umask``)."""
     path = Path(path)
     tmp = tmp or path.with_name(path.name + f".tmp{os.getpid()}")
     try:
         write(tmp)
+        follow_umask(tmp)
         fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:

@@ -10,6 +10,8 @@ of the last step must equal, bit for bit, the adapter the run itself wrote.
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -236,6 +238,29 @@ def test_bad_input_one_line(make, needle, tmp_path):
     lines = errors(proc)
     assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------ file modes
+@pytest.mark.parametrize("mask", [0o002, 0o027])
+def test_written_files_follow_the_umask(mask, tmp_path):
+    """The adapter (as training writes it), a merged model and a peft export get 0o666 & ~umask
+    like every other file of a run directory, although safetensors creates its files 0600."""
+    from propulsion_ds.tools.merge import merge
+
+    base_dir = ROOT / "assets" / "stories260K"
+    old = os.umask(mask)
+    try:
+        adapter = trained_adapter(base_dir, PropulsionConfig(), tmp_path / "adapter")
+        merge(base_dir, adapter, tmp_path / "merged", verify=False)
+        export_peft(adapter, tmp_path / "peft", base=base_dir)
+    finally:
+        os.umask(old)
+    want = 0o666 & ~mask
+    files = {p.relative_to(tmp_path).as_posix(): stat.S_IMODE(p.stat().st_mode)
+             for d in ("adapter", "merged", "peft") for p in (tmp_path / d).rglob("*") if p.is_file()}
+    assert "adapter/propulsion.safetensors" in files and "peft/adapter_model.safetensors" in files
+    assert any(f.startswith("merged/") and f.endswith(".safetensors") for f in files)
+    assert {f: m for f, m in files.items() if m != want} == {}, oct(want)
 
 
 # ------------------------------------------------------------------------------ from checkpoints

@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 from propulsion_ds.errors import ExportError
-from propulsion_ds.fsutil import replace_dir
+from propulsion_ds.fsutil import follow_umask_tree, replace_dir
 
 
 def check_export_out(out: Path, overwrite: bool, *inputs: Path) -> None:
@@ -36,6 +36,7 @@ def staged(out: Path):
     tmp.mkdir(parents=True)
     try:
         yield tmp
+        follow_umask_tree(tmp)     # safetensors writes 0600; the rest of a run directory follows the umask
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
