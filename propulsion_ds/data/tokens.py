@@ -158,6 +158,18 @@ def _tokenize_text(raw, field, tokenizer, max_length, packing, name, work):
     return _finish(tok, name, max_length, "documents", work)
 
 
+def render_prompt(instruction: str, input: str, template: Optional[str], where: str = "a row") -> str:
+    """The prompt an instruction row is trained on: ``template`` (None: Alpaca, with or without
+    the input section) formatted with the row's instruction and input; the target follows it."""
+    try:
+        if template is not None:
+            return template.format(instruction=instruction, input=input)
+        return (ALPACA_TEMPLATE if input else ALPACA_TEMPLATE_NO_INPUT).format(instruction=instruction, input=input)
+    except (KeyError, IndexError, ValueError) as e:
+        raise DataError(f"data.template: cannot format {where} ({type(e).__name__}: {e}); "
+                        "use only {instruction} and {input}") from None
+
+
 def _tokenize_instruction(raw, tokenizer, max_length, template, name, work):
     _require_columns(raw, ["instruction", "output"], name, "instruction")
     has_input = "input" in raw.column_names
@@ -165,13 +177,7 @@ def _tokenize_instruction(raw, tokenizer, max_length, template, name, work):
     head, tail = ([bos] if bos is not None else []), ([eos] if eos is not None else [])
 
     def prompt_of(instruction, inp, i):
-        try:
-            if template is not None:
-                return template.format(instruction=instruction, input=inp)
-            return (ALPACA_TEMPLATE if inp else ALPACA_TEMPLATE_NO_INPUT).format(instruction=instruction, input=inp)
-        except (KeyError, IndexError, ValueError) as e:
-            raise DataError(f"data.template: cannot format row {i + 1} of {name} ({type(e).__name__}: {e}); "
-                            "use only {instruction} and {input}") from None
+        return render_prompt(instruction, inp, template, where=f"row {i + 1} of {name}")
 
     def fn(batch, idx):
         prompts, fulls = [], []

@@ -1,0 +1,175 @@
+"""Multiple-choice scoring (propulsion_ds/eval/choice.py) on real commonsense rows and the real
+stories260K: parsing of every row shape, label/text completions, the score against a plain
+forward, and batch-size and world-size invariance."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import MODEL_DIR
+from propulsion_ds.data.tokens import ALPACA_TEMPLATE_NO_INPUT, IGNORE_INDEX, tokenize
+from propulsion_ds.errors import DataError
+from propulsion_ds.eval.choice import (ChoiceQuestion, build_questions, encode_candidates, parse_choices,
+                                       score_questions, text_format_row)
+
+FIX = Path(__file__).resolve().parent / "fixtures" / "commonsense"
+TASKS = ("boolq", "arc_easy", "arc_challenge", "openbookqa")
+
+
+def rows_of(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def stories():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(MODEL_DIR)
+    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR).eval()
+    return model, tok
+
+
+def few_questions(fmt: str, per_task: int = 2) -> list[ChoiceQuestion]:
+    qs = []
+    for t in TASKS:
+        qs += build_questions(rows_of(FIX / f"{t}_dev.jsonl")[:per_task], None, fmt, t)
+    return qs
+
+
+def test_parse_boolq_has_label_texts():
+    row = rows_of(FIX / "boolq_dev.jsonl")[0]
+    assert parse_choices(row["instruction"]) == [("true", "true"), ("false", "false")]
+
+
+@pytest.mark.parametrize("task", ["arc_easy", "arc_challenge", "openbookqa"])
+def test_parse_four_options(task):
+    for row in rows_of(FIX / f"{task}_dev.jsonl"):
+        cands = parse_choices(row["instruction"])
+        assert [c[0] for c in cands] == ["answer1", "answer2", "answer3", "answer4"]
+        for k, (lab, text) in enumerate(cands):
+            # the text sits between "AnswerK:" and the next label (or the answer format line)
+            assert f"Answer{k + 1}: {text}" in row["instruction"]
+            assert text == text.strip() and "Answer" not in text and text
+
+
+def test_parse_three_and_five_options():
+    three, five = rows_of(FIX / "shapes" / "arc_easy_train_3_and_5_options.jsonl")
+    c3 = parse_choices(three["instruction"])
+    assert [c[0] for c in c3] == ["answer1", "answer2", "answer3"]
+    assert c3[2][1] == "A candle that is burning"
+    c5 = parse_choices(five["instruction"])
+    assert [c[1] for c in c5] == ["arteries", "glands", "muscles", "nerves", "veins"]
+
+
+def test_parse_other_label_words_and_explicit_choices():
+    ins = ("Which is right?\n\nSolution1: push the door Solution2: pull the door\n\n"
+           "Answer format: solution1/solution2")
+    assert parse_choices(ins) == [("solution1", "push the door"), ("solution2", "pull the door")]
+    ins = "Pick one. option1: red option2: blue"
+    assert parse_choices(ins, ["option1", "option2"]) == [("option1", "red"), ("option2", "blue")]
+
+
+def test_bad_rows_name_the_row():
+    with pytest.raises(DataError, match=r"dev: row 2: no candidates"):
+        build_questions([{"instruction": "Answer format: a/b", "output": "the correct answer is a", "answer": "a"},
+                         {"instruction": "no format here", "output": "x", "answer": "a"}], None, "label", "dev")
+    with pytest.raises(DataError, match=r"dev: row 1: answer 'answer9' is not among"):
+        row = dict(rows_of(FIX / "arc_easy_dev.jsonl")[0], answer="answer9")
+        build_questions([row], None, "label", "dev")
+    assert issubclass(DataError, ValueError) and DataError.exit_code == 2
+
+
+def test_label_and_text_completions():
+    row = rows_of(FIX / "openbookqa_dev.jsonl")[0]
+    (q,) = build_questions([row], None, "label", "openbookqa")
+    assert q.completions == [f"the correct answer is answer{k}" for k in range(1, 5)]
+    assert q.completions[q.answer] == row["output"]
+    assert q.prompt == ALPACA_TEMPLATE_NO_INPUT.format(instruction=row["instruction"], input="")
+    (qt,) = build_questions([row], None, "text", "openbookqa")
+    texts = [t for _, t in parse_choices(row["instruction"])]
+    assert qt.completions == [f"the correct answer is {t}" for t in texts]
+    assert qt.answer == q.answer
+    assert text_format_row(row)["output"] == qt.completions[q.answer]
+    # rows without an answer are no questions
+    assert build_questions([{"instruction": "x", "output": "y"}], None, "label", "s") == []
+
+
+def test_completion_tokens_are_the_trained_targets(stories):
+    """The scored tokens are exactly the tokens training puts a loss on (EOS aside)."""
+    import datasets
+    from types import SimpleNamespace
+    _, tok = stories
+    row = rows_of(FIX / "arc_easy_dev.jsonl")[0]
+    (q,) = build_questions([row], None, "label", "arc_easy")
+    ids, start = encode_candidates(tok, q)[q.answer]
+    cfg = SimpleNamespace(format="instruction", max_length=4096, template=None, packing=False, text_field="text")
+    trained = tokenize(datasets.Dataset.from_list([row]), cfg, tok, "t")[0]
+    target = [t for t in trained["labels"] if t != IGNORE_INDEX]
+    assert trained["input_ids"][:len(ids)] == ids
+    assert target == ids[start:] + [tok.eos_token_id]
+
+
+def _plain_loglik(model, ids, start) -> float:
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].double()
+    lp = torch.log_softmax(logits, -1)
+    return float(sum(lp[i - 1, ids[i]] for i in range(start, len(ids))))
+
+
+@pytest.mark.parametrize("fmt", ["label", "text"])
+def test_score_equals_plain_forward(stories, fmt):
+    model, tok = stories
+    qs = few_questions(fmt, per_task=1)
+    want = 0
+    for q in qs:
+        scores = []
+        for ids, start in encode_candidates(tok, q):
+            s = _plain_loglik(model, ids, start)
+            scores.append(s if fmt == "label" else s / (len(ids) - start))
+        best = max(range(len(scores)), key=lambda i: (scores[i], -i))
+        want += best == q.answer
+    res = score_questions(model, tok, qs, answer_format=fmt, batch_questions=4)
+    assert res.complete and res.total == len(qs) and res.correct == want
+    assert set(res.per_source) == set(TASKS)
+
+
+def test_batching_invariance(stories):
+    model, tok = stories
+    qs = few_questions("text", per_task=2)
+    picks = {}
+    for bq in (1, 8):
+        res = score_questions(model, tok, qs, answer_format="text", batch_questions=bq)
+        picks[bq] = (res.correct, res.source_correct)
+    assert picks[1] == picks[8]
+
+
+def test_world_size_invariance_and_equal_forwards(stories):
+    """Each rank scores its shard (no process group: each returns its own counts); the shards sum to
+    the one-rank result and every rank runs the same number of forwards."""
+    model, tok = stories
+    qs = few_questions("label", per_task=2)[:7]   # 7 questions: uneven shards over 2 and 3 ranks
+    one = score_questions(model, tok, qs, answer_format="label", batch_questions=2)
+    for world in (2, 3):
+        calls, correct, total = [], 0, 0
+        for rank in range(world):
+            n = [0]
+            h = model.register_forward_hook(lambda *a: n.__setitem__(0, n[0] + 1))
+            try:
+                r = score_questions(model, tok, qs, answer_format="label", batch_questions=2,
+                                    rank=rank, world_size=world)
+            finally:
+                h.remove()
+            calls.append(n[0])
+            correct, total = correct + r.correct, total + r.total
+        assert total == one.total == len(qs)
+        assert correct == one.correct
+        assert len(set(calls)) == 1, calls
+
+
+def test_should_stop_marks_incomplete(stories):
+    model, tok = stories
+    qs = few_questions("label", per_task=1)
+    res = score_questions(model, tok, qs, answer_format="label", batch_questions=1, should_stop=lambda: True)
+    assert not res.complete and res.total == 0
