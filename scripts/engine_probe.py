@@ -107,7 +107,7 @@ def optimizer_facts(engine) -> dict:
 def probe_one(run: dict, args) -> dict:
     import torch
     from propulsion_ds.config.load import load_config
-    from propulsion_ds.train.adapter_out import full_delta
+    from propulsion_ds.train.checkpointer import full_delta
     from propulsion_ds.train.recipe import Trainer
     from propulsion_ds.model import DTYPES
     from propulsion_ds.method.propulsion import DELTA_NAME

@@ -14,6 +14,7 @@ import torch
 
 from propulsion_ds import collective, fsutil
 from propulsion_ds.train import checkpoint as ck
+from propulsion_ds.train.checkpointer import check_resumable
 from propulsion_ds.errors import CheckpointError
 
 
@@ -74,12 +75,12 @@ def test_load_restores_rng_and_refuses_a_missing_rng_file(tmp_path):
     want = (random.random(), torch.rand(3))
     random.seed(2)
     torch.manual_seed(2)
-    ck.check_resumable(root, 2, {"model": "m"})
+    check_resumable(root, 2, {"model": "m"})
     assert ck.load(FakeEngine(), root, 2) == {"step": 2}
     got = (random.random(), torch.rand(3))
     assert got[0] == want[0] and torch.equal(got[1], want[1])
     with pytest.raises(CheckpointError, match="was written with model='m', this run has model='n'"):
-        ck.check_resumable(root, 2, {"model": "n"})
+        check_resumable(root, 2, {"model": "n"})
     (root / "step_2" / "rng_rank0.pt").unlink()
     with pytest.raises(CheckpointError, match=r"^checkpoint .*step_2 lacks rng_rank0.pt$"):
         ck.load(FakeEngine(), root, 2)

@@ -88,5 +88,5 @@ def test_architecture_doc_names_every_train_component():
     recipe = (LIBRARY / "train" / "recipe.py").read_text()
     imported = set(re.findall(r"from propulsion_ds\.train\.(\w+) import", recipe))
     assert imported, "the recipe imports its components from propulsion_ds.train"
-    for name in ("RunDir", "DSEngine", "NonFiniteGuard", "MetricsSink", "TrainingProgress", "reduce_step"):
+    for name in ("Checkpointer", "DSEngine", "NonFiniteGuard", "MetricsSink", "TrainingProgress", "reduce_step"):
         assert name in doc and name in recipe, name

@@ -5,6 +5,8 @@ Layout under ``root`` (output_dir/checkpoints):
     latest           text file naming the newest complete step_N, replaced atomically
     .partial/step_N  where a checkpoint is written before being renamed into place
     .partial/trash-* checkpoints being deleted (renamed out of sight first, then removed)
+After a save .partial is empty: DeepSpeed's copy of its zero_to_fp32.py (written into the
+directory it saves under) is removed with the rest.
 
 Why a kill at any moment is safe: a ``step_N`` directory appears under ``root`` only by one
 ``rename`` of a directory that already holds every rank's files (fsynced) and ``meta.json``;
@@ -177,17 +179,41 @@ def _publish(s: _Save, keep_last: int, fingerprint: dict) -> None:
         _rename(s)
         _point_latest(s)
         _prune(s, keep_last)
+        _tidy(s)
     except Exception:
         shutil.rmtree(s.work, ignore_errors=True)
         raise
 
 
 def _seal(s: _Save, fingerprint: dict) -> None:
+    _check_every_rank_wrote(s, dist.world_size())
     for p in sorted(s.work.iterdir()):
         if p.is_file():
             fsutil.fsync_file(p)
     meta = {"step": s.step, "world_size": dist.world_size(), **fingerprint}
     fsutil.write_text_atomic(s.work / META_FILE, json.dumps(meta, indent=2))
+
+
+def _check_every_rank_wrote(s: _Save, world: int) -> None:
+    """Seal only a checkpoint holding every rank's files: with output_dir on node-local disks the
+    other nodes' files land elsewhere, and a checkpoint sealed without them cannot be resumed."""
+    names = {p.name for p in s.work.iterdir()}
+    per_rank = [n for n in names if n.startswith("zero_pp_rank_0_")]
+    missing = {r: [n for n in [f"rng_rank{r}.pt"] + [m.replace("zero_pp_rank_0_", f"zero_pp_rank_{r}_", 1)
+                                                       for m in per_rank] if n not in names]
+               for r in range(world)}
+    missing = {r: m for r, m in missing.items() if m}
+    if missing:
+        r, files = next(iter(missing.items()))
+        raise CheckpointError(f"checkpoint {s.tag} lacks the files of rank(s) {sorted(missing)} (rank {r}: "
+                              f"{', '.join(files)}): every rank must write into the same output_dir "
+                              f"(a shared file system, not node-local disks)")
+
+
+def _tidy(s: _Save) -> None:
+    """DeepSpeed copies its zero_to_fp32.py into the directory it saves under (.partial)."""
+    for p in s.partial.glob("zero_to_*.py"):
+        p.unlink(missing_ok=True)
 
 
 def _rename(s: _Save) -> None:
@@ -231,27 +257,6 @@ def read_step_meta(step_dir) -> dict:
     return meta
 
 
-def check_fingerprint(root, step: int, fingerprint: dict) -> None:
-    meta = read_meta(root, step)
-    where = Path(root) / f"step_{step}"
-    for key, value in fingerprint.items():
-        if key in meta and meta[key] != value:
-            raise CheckpointError(
-                f"checkpoint {where} was written with {key}={_short(meta[key])}, "
-                f"this run has {key}={_short(value)}: use a new output_dir or the matching config "
-                f"(or --overwrite to start afresh)")
-    if "world_size" in meta and meta["world_size"] != dist.world_size():
-        raise CheckpointError(
-            f"checkpoint {where} was written by {meta['world_size']} ranks, this run has "
-            f"{dist.world_size()}: ZeRO keeps optimizer state and the data position per rank; "
-            f"resume with {meta['world_size']} ranks")
-
-
-def _short(value, limit: int = 160) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
 def verify_files(root, step: int) -> None:
     """Parse every .pt file of checkpoint ``step`` with the restricted unpickler (this rank)."""
     where = Path(root) / f"step_{step}"
@@ -262,7 +267,7 @@ def verify_files(root, step: int) -> None:
         safe_torch_load(f)
 
 
-def _check_files(root: Path, step: int) -> Path:
+def check_files(root: Path, step: int) -> Path:
     """This rank's part of checkpoint ``step`` parses safely; returns its RNG file."""
     verify_files(root, step)
     rng_file = root / f"step_{step}" / f"rng_rank{dist.rank()}.pt"
@@ -271,26 +276,13 @@ def _check_files(root: Path, step: int) -> Path:
     return rng_file
 
 
-def check_resumable(root, step: int, fingerprint: dict) -> None:
-    """Collective: raise the same CheckpointError on every rank unless checkpoint ``step`` was
-    written for this model, these Propulsion settings and this world size, and every file in
-    it parses with the restricted unpickler."""
-    error = None
-    try:
-        check_fingerprint(root, step, fingerprint)
-        _check_files(Path(root), step)
-    except CheckpointError as e:
-        error = e
-    collective.agree_as_is(error)
-
-
 def load(engine, root, step: int) -> dict:
     """Collective. Restores module vectors, optimizer, scheduler and this rank's RNG; returns client state."""
     root = Path(root)
     tag = f"step_{step}"
     error = rng_file = None
     try:
-        rng_file = _check_files(root, step)
+        rng_file = check_files(root, step)
     except CheckpointError as e:
         error = e
     collective.agree_as_is(error)

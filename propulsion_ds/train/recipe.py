@@ -2,9 +2,10 @@
 
 `train()` is the whole loop: one optimizer update (forward -> backward -> step over an
 accumulation window), then log, checkpoint and eval. Each job it calls is a component of its own
-in this package: run_dir (resume or fresh), run_data (data and position), ds_engine (DeepSpeed and
-the update veto), nonfinite (NaN guard), stats (the per-step all-reduce), sink (metrics.jsonl,
-TensorBoard, tqdm), progress (resume state), checkpoint, adapter_out. docs/ARCHITECTURE.md draws it.
+in this package: checkpointer (output_dir: resume or fresh, checkpoints, adapter), run_data (data
+and position), ds_engine (DeepSpeed and the update veto), nonfinite (NaN guard), stats (the per-step
+all-reduce), sink (metrics.jsonl, TensorBoard, tqdm), progress (resume state). docs/ARCHITECTURE.md
+draws it.
 """
 from __future__ import annotations
 
@@ -22,16 +23,14 @@ from propulsion_ds.errors import Preempted
 from propulsion_ds.method.propulsion import channel_scales, inject, trainable_parameters
 from propulsion_ds.model import (check_attn_implementation, load_base_model, load_tokenizer, resolve_model_path,
                                  vocab_size)
-from propulsion_ds.train import checkpoint, gen_eval
-from propulsion_ds.train.adapter_out import full_delta, write_adapter
+from propulsion_ds.train import gen_eval
+from propulsion_ds.train.checkpointer import Checkpointer, fingerprint, full_delta
 from propulsion_ds.train.ds_engine import DSEngine, log_partitioning, model_width, numel
-from propulsion_ds.train.fingerprint import fingerprint
 from propulsion_ds.train.loss import forward_loss_sum, target_tokens
 from propulsion_ds.train.metrics import estimate_mfu, gpu_peak_flops, peak_memory_bytes, propulsion_stats
 from propulsion_ds.train.nonfinite import NonFiniteGuard
 from propulsion_ds.train.progress import TrainingProgress
 from propulsion_ds.train.run_data import eval_batches, load_run_data, micro_batches
-from propulsion_ds.train.run_dir import RunDir
 from propulsion_ds.train.signals import StopRequest
 from propulsion_ds.train.sink import MetricsSink
 from propulsion_ds.train.stats import WindowSums, reduce_step, window_targets
@@ -42,7 +41,7 @@ log = logging.getLogger(__name__)
 class Trainer:
     def __init__(self, cfg: RunConfig, overwrite: bool = False):
         self.cfg, self.overwrite = cfg, overwrite
-        self.run_dir = RunDir(cfg.output_dir)
+        self.ckpt = Checkpointer(cfg, overwrite)
         self.progress = TrainingProgress()
         self.stop = StopRequest()
         self.sink: MetricsSink | None = None
@@ -51,10 +50,10 @@ class Trainer:
     def setup(self) -> None:
         cfg = self.cfg
         self.stop.install()     # first: a SIGTERM during the (long) set-up must not kill us unsaved
-        resume_step = self.run_dir.decide(cfg.resume, self.overwrite)
+        resume_step = self.ckpt.decide()
         dist.init_distributed(cfg.distributed.timeout_minutes)
         self.rank, self.world = dist.rank(), dist.world_size()
-        self.sink = MetricsSink(self.run_dir.out, self.rank, cfg.logging.every_steps)
+        self.sink = MetricsSink(self.ckpt.out, self.rank, cfg.logging.every_steps)
         check_attn_implementation(cfg.model)      # before the long steps, on every rank alike
         torch.manual_seed(cfg.train.seed)
         # A Hub id is fetched once (rank 0 first) or read from the local cache.
@@ -70,24 +69,23 @@ class Trainer:
         data.check_vocab(self.tokenizer, vocab_size(self.model))
         self.targets = inject(self.model, cfg.propulsion)
         self.trainable = numel(trainable_parameters(self.model))
-        if resume_step is not None:
-            # Same model, method settings and world size, files readable with the restricted
-            # unpickler: checked before anything in output_dir is touched.
-            checkpoint.check_resumable(self.run_dir.ckpt_root, resume_step, self._fingerprint())
+        self.ckpt.check_resumable(self._fingerprint())
         self.model.train()
         self.ds = DSEngine(self.model, self.ds_config, cfg.train, self.max_steps)
         self.engine = self.ds.engine
         log_partitioning(self.model)
-        self.nonfinite = NonFiniteGuard(cfg.train.max_bad_steps, self.progress, self.run_dir.last_good)
+        self.nonfinite = NonFiniteGuard(cfg.train.max_bad_steps, self.progress, self.ckpt.last_good)
         self.nonfinite.watch(trainable_parameters(self.model))
         self.n_params = numel(self.model.parameters())
         # Nothing is written before this point: bad input fails with output_dir untouched.
-        self.run_dir.prepare(resume_step, self.max_steps)
+        self.ckpt.bind(self.engine, self.model, self, self._fingerprint(),
+                       before_save=lambda: self.sink.check(self.ckpt.last_good()), after_adapter=self.sink.flush)
+        self.ckpt.prepare(self.max_steps)
         self.sink.open(json.dumps(config_to_dict(cfg), indent=2) + "\n", resume_step)
         log.info("Propulsion on %d modules, %d trainable of %d parameters; %d steps",
                  len(self.targets), self.trainable, self.n_params, self.max_steps)
         if resume_step is not None:
-            self.load_checkpoint(resume_step)
+            self.load_checkpoint()
 
     def _fingerprint(self) -> dict:
         return fingerprint(self.cfg, self.trainable, len(self.targets))
@@ -106,30 +104,26 @@ class Trainer:
                 totals = reduce_step(sums, self.stop.signum > 0, self.sink.error is not None,
                                      peak_memory_bytes(), self.rank, self.world)
                 if totals.write_failed:
-                    self.sink.raise_error(self.run_dir.last_good())
+                    self.sink.raise_error(self.ckpt.last_good())
                 p.step += 1
                 p.tokens_seen += int(totals.sums.tokens)
                 self.sink.log_step(self._step_record(totals.sums, time.perf_counter() - start),
                                    totals.peak_memory)
                 if totals.stop:
-                    self.save_checkpoint()
+                    self.ckpt.save(p.step, force=True)
                     raise Preempted(f"{self.stop.name()} received: checkpoint step_{p.step} written "
-                                    f"under {self.run_dir.ckpt_root}; resume with --resume")
+                                    f"under {self.ckpt.root}; resume with --resume")
                 if p.step % cfg.eval.every_steps == 0 and self.data.eval is not None:
                     self.evaluate()
-                if p.step % cfg.checkpoint.every_steps == 0 and p.step < self.max_steps:
-                    self.save_checkpoint()
+                if p.step < self.max_steps:       # the last step saves after the final eval
+                    self.ckpt.save(p.step)
         finally:
             self.sink.close_bar()
         if self.data.eval is not None and p.step % cfg.eval.every_steps != 0:
             self.evaluate()
-        if checkpoint.latest_step(self.run_dir.ckpt_root) != p.step:
-            self.save_checkpoint()
-        else:                       # resumed at the end: the checkpoint exists, rewrite the adapter
-            self.sink.check(self.run_dir.last_good())
-            self.write_adapter()
-        self.sink.check(self.run_dir.last_good())       # the last TensorBoard flush, too
-        self.run_dir.finish(p.step)
+        self.ckpt.save(p.step, last_step=True)
+        self.sink.check(self.ckpt.last_good())       # the last TensorBoard flush, too
+        self.ckpt.finish(p.step)
         return self.sink.records
 
     def train_step(self, batches) -> WindowSums:
@@ -214,23 +208,17 @@ class Trainer:
         return record
 
     # ---------------------------------------------------------------- checkpoints
-    def save_checkpoint(self) -> None:
-        self.sink.check(self.run_dir.last_good())
-        checkpoint.save(self.engine, self.run_dir.ckpt_root, self.progress.step, self.progress.state_dict(),
-                        self.cfg.checkpoint.keep_last, self._fingerprint())
-        self.write_adapter()
+    def state_dict(self) -> dict:
+        """Stateful: what a checkpoint keeps of the trainer (the engine keeps the rest)."""
+        return self.progress.state_dict()
 
-    def write_adapter(self) -> None:
-        write_adapter(self.model, self.run_dir.out, self.progress.step)     # collective
-        self.sink.flush()
+    def load_state_dict(self, state: dict) -> None:
+        self.progress.load_state_dict(state)
 
-    def load_checkpoint(self, step: int) -> None:
-        root = self.run_dir.ckpt_root
-        checkpoint.check_fingerprint(root, step, self._fingerprint())
-        self.progress.load_state_dict(checkpoint.load(self.engine, root, step))
+    def load_checkpoint(self) -> None:
+        self.ckpt.load()                        # collective; calls load_state_dict
         self.sink.rewind(self.progress.step)
         dist.barrier()
-        log.info("resumed from %s at step %d", root / f"step_{step}", self.progress.step)
 
     def cleanup(self) -> None:
         if self.sink is not None:

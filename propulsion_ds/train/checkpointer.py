@@ -1,0 +1,247 @@
+"""The checkpointer: owns output_dir and everything a run writes there that a resume depends on.
+
+One object, handed to the recipe, decides:
+- at start: resume or start afresh (never clobbering a run), and tidying what a kill left;
+- what a resume must match (the fingerprint written into every checkpoint's meta.json);
+- when to save (``save(step)`` checks checkpoint.every_steps itself; ``last_step=True`` at the end
+  of a run, ``force=True`` on preemption), and the adapter/ that follows every save;
+- the last good checkpoint, named in every error that stops a run, and the FINISHED marker.
+
+The on-disk format and the kill-safe save are ``checkpoint.py``'s; the trainer is Stateful
+(``state_dict``/``load_state_dict``): what it returns travels in the checkpoint as client state.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from propulsion_ds import distributed as dist
+from propulsion_ds.collective import agree_as_is, rank0_write
+from propulsion_ds.config.load import expand_data_paths
+from propulsion_ds.errors import CheckpointError, OutputDirError
+from propulsion_ds.fsutil import move_aside, write_text_atomic
+from propulsion_ds.method.adapter import gathered, save_adapter, trained_biases
+from propulsion_ds.method.propulsion import DELTA_NAME
+from propulsion_ds.train import checkpoint
+
+log = logging.getLogger(__name__)
+
+FINISHED_MARKER = "FINISHED"
+# What a run writes into output_dir: --overwrite (or a fresh start over a run that died before
+# its first checkpoint) removes exactly these, nothing else a user keeps there.
+TRASH_PREFIX = ".removing-"    # a hidden sibling: one rename, then a delete a kill may interrupt
+RUN_OUTPUTS = ("checkpoints", "adapter", "tensorboard", "metrics.jsonl", "config.json", FINISHED_MARKER)
+
+
+class Checkpointer:
+    def __init__(self, cfg, overwrite: bool = False):
+        self.cfg, self.overwrite = cfg, overwrite
+        self.out = Path(cfg.output_dir)
+        self.root = self.out / "checkpoints"
+        self.every, self.keep_last = cfg.checkpoint.every_steps, cfg.checkpoint.keep_last
+        self.resume_step: int | None = None
+        self.engine = self.model = self.state = None
+        self.fingerprint: dict = {}
+        self._before_save: Callable[[], None] = lambda: None
+        self._after_adapter: Callable[[], None] = lambda: None
+
+    # ------------------------------------------------------------------ start
+    def decide(self) -> int | None:
+        """The step to resume from, or None for a fresh start; decided before anything heavy."""
+        resume, step = self.cfg.resume, checkpoint.latest_step(self.root)
+        finished = (self.out / FINISHED_MARKER).is_file()
+        if resume is True and self.overwrite:
+            raise OutputDirError("--resume and --overwrite contradict each other: pass one of them")
+        config = self.out / "config.json"
+        if config.is_file() and not _is_run_config(config):
+            raise OutputDirError(f"output_dir {self.out} holds a config.json that is not a propulsion run "
+                                 f"config (a model directory?): choose another output_dir")
+        if resume is True and step is None:
+            raise OutputDirError(f"--resume: no complete checkpoint under {self.root}")
+        if resume in (True, "auto") and step is not None:
+            self.resume_step = step
+            return step
+        if self.overwrite:
+            return None
+        adapter = self.out / "adapter" / "propulsion.safetensors"
+        if finished or step is not None or adapter.is_file():
+            what = ("a finished run" if finished else f"checkpoints up to step {step}" if step is not None
+                    else f"a trained adapter ({adapter})")
+            raise OutputDirError(f"output_dir {self.out} already holds {what}: pass --resume to continue "
+                                 f"or --overwrite to start again")
+        return None
+
+    def bind(self, engine, model, state, fingerprint: dict, before_save: Callable[[], None] | None = None,
+             after_adapter: Callable[[], None] | None = None) -> None:
+        """What a save writes: the engine's files, ``state.state_dict()`` as client state, the
+        adapter of ``model``; ``before_save``/``after_adapter`` let the metrics sink check and flush."""
+        self.engine, self.model, self.state, self.fingerprint = engine, model, state, fingerprint
+        self._before_save = before_save or self._before_save
+        self._after_adapter = after_adapter or self._after_adapter
+
+    def check_resumable(self, fingerprint: dict) -> None:
+        """Collective: same model, method and trajectory settings, files readable with the
+        restricted unpickler; checked before anything in output_dir is touched."""
+        if self.resume_step is not None:
+            check_resumable(self.root, self.resume_step, fingerprint)
+
+    def prepare(self, max_steps: int) -> None:
+        """Collective, after every rank has decided resume-or-not: rank 0 clears or tidies."""
+        resume_step = self.resume_step
+
+        def tidy():
+            for trash in self.out.glob(TRASH_PREFIX + "*"):      # left by a kill mid-clear
+                shutil.rmtree(trash, ignore_errors=True)
+            if resume_step is None:
+                self._clear_previous_run()
+            else:
+                checkpoint.clean_partial(self.root)
+                for tmp in (self.out / "adapter").glob("*.tmp"):
+                    tmp.unlink(missing_ok=True)
+                if max_steps > resume_step:
+                    (self.out / FINISHED_MARKER).unlink(missing_ok=True)
+        rank0_write(tidy, f"cannot prepare output_dir {self.out}", self.out)
+
+    def _clear_previous_run(self) -> None:
+        # A fresh start: --overwrite, or leftovers of a run that died before its first
+        # checkpoint. Stale checkpoints must go, or `latest` could point into the old run.
+        stale = [n for n in RUN_OUTPUTS if (self.out / n).exists()]
+        if stale:
+            log.info("output_dir %s: removing the previous run's %s", self.out, ", ".join(stale))
+        for name in stale:
+            path = self.out / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(move_aside(path, self.out, TRASH_PREFIX), ignore_errors=True)
+            else:
+                path.unlink()
+
+    def load(self) -> int:
+        """Collective: restore the engine and ``state`` from the checkpoint decided on; its step."""
+        step = self.resume_step
+        check_fingerprint(self.root, step, self.fingerprint)
+        self.state.load_state_dict(checkpoint.load(self.engine, self.root, step))
+        log.info("resumed from %s at step %d", self.root / f"step_{step}", step)
+        return step
+
+    # ------------------------------------------------------------------ during the run
+    def save(self, step: int, last_step: bool = False, force: bool = False) -> bool:
+        """Collective. Checkpoint ``step`` when due (every checkpoint.every_steps), at the run's
+        last step, or when forced (preemption); each save is followed by adapter/. At the last
+        step of a run resumed at its end the checkpoint exists: only the adapter is rewritten.
+        Returns whether a checkpoint was written."""
+        if last_step and not force and checkpoint.latest_step(self.root) == step:
+            self._before_save()
+            self.write_adapter(step)
+            return False
+        if not (force or last_step or step % self.every == 0):
+            return False
+        self._before_save()
+        checkpoint.save(self.engine, self.root, step, self.state.state_dict(), self.keep_last, self.fingerprint)
+        self.write_adapter(step)
+        return True
+
+    def write_adapter(self, step: int) -> torch.Tensor:
+        """Collective; rank 0 writes adapter/ (temp file + rename, so never torn). Returns the delta."""
+        delta = full_delta(self.model)
+        biases = trained_biases(self.model)              # collective; {} without train_bias
+        out = self.out
+        rank0_write(lambda: save_adapter(self.model, out / "adapter", delta=delta, biases=biases),
+                    f"could not write the adapter under {out / 'adapter'}", out,
+                    f"; checkpoint step_{step} is complete: resume with --resume",
+                    # safetensors reports a full disk in its own exception type
+                    catch=(Exception,))
+        self._after_adapter()
+        return delta
+
+    def finish(self, step: int) -> None:
+        """Collective: the FINISHED marker, the last thing a completed run writes."""
+        marker = self.out / FINISHED_MARKER
+        rank0_write(lambda: write_text_atomic(marker, f"{step}\n"), f"cannot write {marker}", self.out)
+
+    def last_good(self) -> str:
+        """The newest complete checkpoint's directory, or "none": what every stop line names."""
+        last = checkpoint.latest_step(self.root)
+        return str(self.root / f"step_{last}") if last is not None else "none"
+
+
+def _is_run_config(path: Path) -> bool:
+    """Whether ``path`` is a config.json this trainer wrote (only those are ever replaced)."""
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(raw, dict) and {"model", "propulsion", "train", "output_dir"} <= set(raw)
+
+
+# --------------------------------------------------------------------------- fingerprint
+def fingerprint(cfg, trainable: int, n_targets: int) -> dict:
+    """What a resume must match: the data position and RNG mean nothing under other values.
+    Keys are config fields, so a refusal names the field to fix."""
+    t, d = cfg.train, cfg.data
+    return {"model": cfg.model.name_or_path, "propulsion": cfg.propulsion.to_dict(),
+            "trainable": trainable, "targets": n_targets,
+            "train.micro_batch_size": t.micro_batch_size,
+            "train.gradient_accumulation_steps": t.gradient_accumulation_steps,
+            "train.seed": t.seed, "data.train": data_files(d.train), "data.format": d.format,
+            "data.max_length": d.max_length, "data.packing": d.packing, "data.template": d.template,
+            "data.text_field": d.text_field, "data.eval": None if d.eval is None else data_files(d.eval),
+            "data.eval_fraction": d.eval_fraction}
+
+
+def check_fingerprint(root, step: int, fingerprint: dict) -> None:
+    meta = checkpoint.read_meta(root, step)
+    where = Path(root) / f"step_{step}"
+    for key, value in fingerprint.items():
+        if key in meta and meta[key] != value:
+            raise CheckpointError(
+                f"checkpoint {where} was written with {key}={_short(meta[key])}, "
+                f"this run has {key}={_short(value)}: use a new output_dir or the matching config "
+                f"(or --overwrite to start afresh)")
+    if "world_size" in meta and meta["world_size"] != dist.world_size():
+        raise CheckpointError(
+            f"checkpoint {where} was written by {meta['world_size']} ranks, this run has "
+            f"{dist.world_size()}: ZeRO keeps optimizer state and the data position per rank; "
+            f"resume with {meta['world_size']} ranks")
+
+
+def check_resumable(root, step: int, fingerprint: dict) -> None:
+    """Collective: raise the same CheckpointError on every rank unless checkpoint ``step`` was
+    written for this model, these Propulsion settings and this world size, and every file in
+    it parses with the restricted unpickler."""
+    error = None
+    try:
+        check_fingerprint(root, step, fingerprint)
+        checkpoint.check_files(Path(root), step)
+    except CheckpointError as e:
+        error = e
+    agree_as_is(error)
+
+
+def _short(value, limit: int = 160) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def data_files(spec) -> list:
+    """[path, size] of every data file a spec names: a changed file changes the rows."""
+    return [[os.path.abspath(f), os.path.getsize(f) if os.path.isfile(f) else None]
+            for f in expand_data_paths(spec)]
+
+
+# --------------------------------------------------------------------------- the adapter
+def full_delta(model) -> torch.Tensor:
+    """Collective: the vectors in fp32, DeepSpeed's master copy where it keeps one."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    p = getattr(model, DELTA_NAME)
+    full = safe_get_full_fp32_param(p)
+    if full is None:
+        with gathered([p]):
+            full = p.detach().float().clone()
+    return full.float().cpu().reshape(p.ds_shape if hasattr(p, "ds_shape") else p.shape)
