@@ -264,3 +264,134 @@ def test_best_fit_decreasing_matches_the_textbook_algorithm():
             assert all(sum(lengths[i] for i in b) <= cap for b in got)
             assert got == _reference_bfd(lengths, cap)
     assert best_fit_decreasing([5, 4, 3, 2, 2], 8) == [[0, 2], [1, 3, 4]]
+
+
+# ------------------------------------------------------------------------------ flash kernels
+# flash_attention_2 reads a packed row's documents from position_ids only in a batch of ONE row,
+# so model_inputs hands it the micro-batch flattened, with the boundaries as varlen arguments.
+# flash_attn does not run here: the arguments are checked against the documents packed, and a
+# reference kernel that reads ONLY those arguments (per-segment causal attention) runs the model.
+def varlen_reference(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """flash_attn_varlen_func's semantics in plain torch: causal attention inside each
+    [cu[i], cu[i+1]) segment of the one flattened row, nothing across; the mask is ignored."""
+    assert query.shape[0] == 1
+    # no arguments: one sequence (a document run alone, the unpacked reference)
+    cu = kwargs.get("cu_seq_lens_q", torch.tensor([0, query.shape[2]]))
+    assert torch.equal(cu, kwargs.get("cu_seq_lens_k", cu))
+    rep = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1)
+    out = torch.empty_like(query)
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        out[:, :, a:b] = F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b],
+                                                        is_causal=True, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+@pytest.fixture(scope="module")
+def packed_micro_batch(tok):
+    """Four packed rows holding the most documents, as get_batch collates them, and the samples."""
+    L = 512
+    packed = build_datasets(_cfg("instruction", SELF_INSTRUCT, L, True), tok).train
+    samples = build_datasets(_cfg("instruction", SELF_INSTRUCT, L, False), tok).train
+    n_docs = [len(document_lengths(p)) for p in packed["position_ids"]]
+    rows = sorted(range(len(packed)), key=lambda i: -n_docs[i])[:4]
+    rows.append(rows.pop(0))           # the longest row not first: every row but one has a pad tail
+    batch = get_batch(packed, rows, pad_token_id(tok))
+    return batch, {tuple(s["input_ids"]): s for s in samples}, sum(n_docs[i] for i in rows)
+
+
+def _segments(inputs):
+    cu = inputs["cu_seq_lens_q"].tolist()
+    return list(zip(cu[:-1], cu[1:]))
+
+
+def test_flash_gets_one_row_and_exactly_the_document_boundaries(packed_micro_batch, tok):
+    from propulsion_ds.data.pack import model_inputs
+
+    batch, by_ids, n_docs = packed_micro_batch
+    b, t = batch["input_ids"].shape
+    assert b == 4 and n_docs >= 12
+    inputs = model_inputs(batch, "flash_attention_2")
+    assert "attention_mask" not in inputs and inputs["input_ids"].shape == (1, b * t)
+    assert inputs["position_ids"].shape == (1, b * t) and inputs["labels"].shape == (1, b * t)
+    cu, cu_k = inputs["cu_seq_lens_q"], inputs["cu_seq_lens_k"]
+    assert cu.dtype == torch.int32 and torch.equal(cu, cu_k) and cu[0] == 0 and cu[-1] == b * t
+    ids, labels, pos = inputs["input_ids"][0], inputs["labels"][0], inputs["position_ids"][0]
+    pad = pad_token_id(tok)
+    docs = pads = 0
+    for a, z in _segments(inputs):
+        seg = tuple(ids[a:z].tolist())
+        assert pos[a:z].tolist() == list(range(z - a))
+        assert labels[a] == IGNORE_INDEX          # no target across a boundary
+        if seg in by_ids:                         # exactly one whole sample: no boundary missing or extra
+            assert labels[a + 1:z].tolist() == by_ids[seg]["labels"][1:]
+            docs += 1
+        else:                                     # a row's pad tail: no target, nothing to attend to
+            assert set(seg) == {pad} and (labels[a:z] == IGNORE_INDEX).all()
+            pads += 1
+    assert docs == n_docs and pads == 3
+    assert inputs["max_length_q"] == inputs["max_length_k"] == max(z - a for a, z in _segments(inputs))
+    # the kernels that isolate documents per row keep the rows
+    assert model_inputs(batch, "sdpa") is batch and model_inputs(batch, "eager") is batch
+
+
+@pytest.fixture(scope="module")
+def varlen_model():
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    AttentionInterface.register("varlen_reference", varlen_reference)
+    AttentionMaskInterface.register("varlen_reference", sdpa_mask)
+    m = AutoModelForCausalLM.from_pretrained(MODEL_DIR, attn_implementation="varlen_reference", dtype=torch.float32)
+    return m.eval()
+
+
+def _flat_doc_losses(model, inputs):
+    """{doc token ids: per-target losses} of every document of a flattened row."""
+    kw = {k: v for k, v in inputs.items() if k != "labels"}
+    logits = model(**kw, use_cache=False).logits.float()[0, :-1]
+    target = inputs["labels"][0, 1:]
+    tl = F.cross_entropy(logits, target.clamp(min=0), reduction="none")
+    ids = inputs["input_ids"][0]
+    return {tuple(ids[a:z].tolist()): tl[a:z - 1][target[a:z - 1] != IGNORE_INDEX] for a, z in _segments(inputs)}
+
+
+@pytest.mark.parametrize("kernel", ["varlen_reference", "sdpa"])
+def test_flattened_micro_batch_document_loss_equals_unpacked(kernel, packed_micro_batch, varlen_model):
+    """The flattened micro-batch, run by a kernel reading only cu_seq_lens (as flash_attn's varlen
+    function does) and by sdpa (documents found from the one row's positions): every document's
+    loss equals its loss alone, and forward_loss_sum over the micro-batch is the documents' sum."""
+    from propulsion_ds.data.pack import flatten_packed, model_inputs
+    from propulsion_ds.train.loss import forward_loss_sum, token_loss_sum
+
+    batch, by_ids, n_docs = packed_micro_batch
+    model = varlen_model if kernel == "varlen_reference" else \
+        AutoModelForCausalLM.from_pretrained(MODEL_DIR, attn_implementation="sdpa", dtype=torch.float32).eval()
+    inputs = flatten_packed(batch)
+    worst, total_alone, checked = 0.0, 0.0, 0
+    with torch.no_grad():
+        docs = _flat_doc_losses(model, inputs)
+        for ids, losses in docs.items():
+            if ids not in by_ids:
+                assert len(losses) == 0            # a pad tail
+                continue
+            s = by_ids[ids]
+            ref = _token_losses(model, {"input_ids": torch.tensor([s["input_ids"]]),
+                                        "labels": torch.tensor([s["labels"]])})[0]
+            ref = ref[~torch.isnan(ref)]
+            assert ref.shape == losses.shape
+            worst = max(worst, float((losses - ref).abs().max()))
+            total_alone += float(ref.sum())
+            checked += 1
+        packed_sum = float(forward_loss_sum(model, batch))
+    assert checked == n_docs
+    assert worst < 1e-4, worst
+    assert abs(packed_sum - total_alone) < 1e-4 * max(1.0, total_alone), (packed_sum, total_alone)
+    if kernel == "varlen_reference":
+        # the check can see leakage: one segment for the whole row mixes the documents
+        leaky = dict(model_inputs(batch, kernel))
+        n = leaky["input_ids"].shape[1]
+        leaky["cu_seq_lens_q"] = leaky["cu_seq_lens_k"] = torch.tensor([0, n], dtype=torch.int32)
+        with torch.no_grad():
+            logits = model(**{k: v for k, v in leaky.items() if k != "labels"}, use_cache=False).logits
+        assert abs(float(token_loss_sum(logits, leaky["labels"])) - total_alone) > 1e-2 * total_alone

@@ -6,6 +6,13 @@ previous document's last token). transformers isolates the documents from ``posi
 when the forward gets no ``attention_mask`` and no cache (see notes/packing-in-transformers.md), so
 a document's loss in a packed row equals its loss alone.
 
+That detection works per row of a batch for ``sdpa`` and ``eager`` (a 4D mask built from each row's
+positions), but the flash-attention kernels read documents from ``position_ids`` only in a batch of
+ONE row: with more rows every row is one sequence and its documents attend to each other.
+``model_inputs`` therefore hands any other kernel the micro-batch as one flattened row with the
+document boundaries spelled out (``cu_seq_lens_q/k``, ``max_length_q/k``: the varlen arguments
+transformers' flash-attention path takes as they are).
+
 Placement is best-fit decreasing: samples sorted by length (longest first, ties in data order),
 each goes into the open row with the least room that still fits it, else opens a new row. It is a
 pure function of the lengths, so every rank and every run packs identically. An instruction/chat
@@ -15,9 +22,13 @@ than ``max_length`` is cut into ``max_length`` pieces first, each its own docume
 from __future__ import annotations
 
 import logging
+from typing import Optional
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
+import torch
 
 import datasets
 
@@ -163,3 +174,50 @@ def document_lengths(position_ids) -> list[int]:
     return [b - a for a, b in zip(starts, starts[1:])]
 
 
+
+
+# Kernels that isolate the documents of every row of a packed batch from position_ids alone;
+# any other (flash_attention_2, hub kernels) gets the flattened row with explicit boundaries.
+ROW_ISOLATING = frozenset({"sdpa", "eager", "flex_attention"})
+
+
+def attn_implementation(model) -> Optional[str]:
+    """The attention kernel a (DeepSpeed-wrapped) transformers model runs, or None."""
+    config = getattr(getattr(model, "module", model), "config", None)
+    return getattr(config, "_attn_implementation", None)
+
+
+def flatten_packed(batch: dict) -> dict:
+    """A packed micro-batch of B rows as ONE row of B*T tokens plus its document boundaries.
+
+    ``position_ids`` already restart at 0 at every document, at each row's pad tail and so at each
+    row start; ``cu_seq_lens_q/k`` (int32, the offsets of those starts plus the total) and
+    ``max_length_q/k`` (the longest document) say the same explicitly. ``labels``, when present,
+    get -100 at each row's first token: in the flat row that token is predicted from the previous
+    row's last one (a document start is -100 already; this keeps it so whatever the rows hold).
+    """
+    pos = batch["position_ids"]
+    flat_pos = pos.reshape(1, -1)
+    starts = torch.nonzero(flat_pos[0] == 0).flatten()
+    if starts.numel() == 0 or int(starts[0]) != 0:
+        raise ValueError("packed position_ids must start every row at 0")
+    total = torch.tensor([flat_pos.shape[1]], device=pos.device)
+    cu = torch.cat([starts, total]).to(torch.int32)
+    longest = int(cu.diff().max())
+    out = {k: v for k, v in batch.items() if k not in ("input_ids", "labels", "position_ids")}
+    out.update(input_ids=batch["input_ids"].reshape(1, -1), position_ids=flat_pos,
+               cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+    if "labels" in batch:
+        labels = batch["labels"].clone()
+        labels[:, 0] = IGNORE_INDEX
+        out["labels"] = labels.reshape(1, -1)
+    return out
+
+
+def model_inputs(batch: dict, attn_impl: Optional[str]) -> dict:
+    """``batch`` as the forward of a model running ``attn_impl`` must get it: a packed batch
+    (``position_ids``, no mask) flattened into one row unless the kernel isolates documents per
+    row; anything else, or an unknown model (``attn_impl`` None), unchanged."""
+    if "position_ids" not in batch or "attention_mask" in batch or attn_impl is None or attn_impl in ROW_ISOLATING:
+        return batch
+    return flatten_packed(batch)

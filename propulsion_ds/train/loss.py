@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from propulsion_ds.data.pack import attn_implementation, model_inputs
+
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum over target tokens of the next-token cross-entropy, in fp32 (labels aligned with inputs)."""
@@ -16,10 +18,13 @@ def target_tokens(batch: dict) -> float:
 
 def forward_loss_sum(engine, batch: dict) -> torch.Tensor:
     """Sum of the per-token losses of one micro-batch (fp32), not their mean."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    # a packed batch is one flattened row for the flash kernels (data/pack.py: model_inputs)
+    inputs = model_inputs(batch, attn_implementation(engine))
+    labels = inputs["labels"]
+    inputs = {k: v for k, v in inputs.items() if k != "labels"}
     # use_cache=False: a cache switches off transformers' packed-document isolation.
     out = engine(**inputs, use_cache=False)
-    return token_loss_sum(out.logits, batch["labels"])
+    return token_loss_sum(out.logits, labels)
 
 
 def to_device(batch: dict, device) -> dict:
