@@ -1,4 +1,10 @@
-"""Shared cases for the Propulsion core tests, in the style of peft's generic tests.
+"""Shared fixtures: the Propulsion core cases, and one local SLURM for the whole session.
+
+The helpers a test calls (ports, the training environment, ``run_cli``, configs, model builders)
+are in tests/helpers.py; fixtures pytest hands out are here. Slow tests are marked in their own
+file (``pytestmark = pytest.mark.slow``); the fast tier is ``pytest -m "not slow"``.
+
+Shared cases for the Propulsion core tests, in the style of peft's generic tests.
 
 ONE list of architectures (``ARCHS``) × ONE list of configs (``CONFIGS``) gives ``CASES``; each
 check in test_propulsion / test_merge_core / test_adapter runs over every case. Adding an
@@ -30,6 +36,7 @@ from transformers import (AutoModelForCausalLM, GPT2Config, GPTNeoXConfig,  # no
                           LlamaConfig, MistralConfig, Qwen2Config)
 from transformers.utils import logging as hf_logging  # noqa: E402
 
+from helpers import SlurmCluster, slurm_why_skip  # noqa: E402
 from propulsion_ds.method.propulsion import PropulsionConfig  # noqa: E402
 
 hf_logging.set_verbosity_error()
@@ -213,15 +220,16 @@ def loss_of(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, v).double(), ids[:, 1:].reshape(-1))
 
 
-# The full tier: files whose tests start real trainer/launcher processes (multi-rank, SLURM, MPI,
-# faults, the README's job). The fast tier, run on every change, is `pytest -m "not slow"`.
-SLOW_FILES = {"test_engine.py", "test_faults.py", "test_readme.py", "test_train_cli.py", "test_launchers.py",
-              "test_bad_input.py", "test_data_cache.py", "test_adapter_zero3.py", "test_slurm.py", "test_mpi.py",
-              "test_merge_offline.py", "test_generate.py", "test_merge_dtype.py", "test_distributed.py",
-              "test_bench_smoke.py"}
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.path.name in SLOW_FILES:
-            item.add_marker(pytest.mark.slow)
+@pytest.fixture(scope="session")
+def slurm_local():
+    """One real SLURM node with 2 CPUs (scripts/slurm_local.sh), shared by every SLURM test of the
+    session and torn down at its end; skipped where it cannot start (not root, no slurm/munge)."""
+    why = slurm_why_skip()
+    if why:
+        pytest.skip(why)
+    cluster = SlurmCluster.local()
+    try:
+        cluster.up()
+        yield cluster
+    finally:
+        cluster.down()

@@ -8,16 +8,28 @@
 - ``start_train(...)`` is the same, without waiting: a ``Popen`` in its own process group;
   ``kill_group(proc)`` SIGKILLs torchrun and every rank (ranks run in sessions of their own).
 - ``read_metrics(output_dir)`` parses ``metrics.jsonl``; ``train_records`` / ``eval_records`` split it.
-- ``free_port()`` is a TCP port nobody listens on now (give each multi-rank run its own).
+- ``free_port()`` is a TCP port nobody listens on now (give each multi-rank run its own);
+  ``free_port_pair()`` two consecutive ones (a SLURM controller and its slurmd).
+- ``run_cli(script, *args)`` runs one of the entry points (``"train"``, ``"merge"``, ``"generate"``,
+  ... under ``launch/``, or any script path) as one process with the training environment.
+- ``tiny_config(**sections)`` is ``configs/tiny.json`` with sections overridden, ``write_config``
+  writes one; ``tiny_llama(...)`` builds a small random LLaMA; ``stories260k()`` loads the real one.
+- ``log_tail(text)`` is a subprocess log without the warning noise, to put in assertion messages.
+- ``SlurmCluster`` is a real SLURM brought up by scripts/slurm_local.sh or slurm_netns.sh (its own
+  state directory and ports); ``slurm_why_skip()`` says why one cannot start here. conftest.py's
+  session fixture ``slurm_local`` is the one-node cluster every SLURM test shares.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,6 +51,22 @@ def free_port() -> int:
 
 
 _given: set = set()
+
+
+def free_port_pair() -> int:
+    """A port p with p and p + 1 free now (slurmctld and slurmd of one local SLURM)."""
+    for _ in range(50):
+        p = free_port()
+        if p >= 65535:
+            continue
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.bind(("127.0.0.1", p + 1))
+        except OSError:
+            continue
+        _given.add(p + 1)
+        return p
+    raise RuntimeError("no free port pair")
 
 
 def train_env(env: dict | None = None) -> dict:
@@ -83,6 +111,51 @@ def start_train(args, nproc: int = 2, port: int | None = None, env: dict | None 
     """Start the trainer in its own process group (see ``kill_group``) and return the Popen."""
     return subprocess.Popen(train_command(args, nproc, port, script), cwd=ROOT, env=train_env(env),
                             stdout=stdout, stderr=stderr, text=True, start_new_session=True)
+
+
+def run_cli(script, *args, env: dict | None = None, cwd=ROOT, timeout: float = 300,
+            input: str | None = None) -> subprocess.CompletedProcess:
+    """Run an entry point as one process and wait: ``script`` is a name under ``launch/``
+    (``"merge"`` is ``launch/merge.py``) or a path. Text stdout/stderr, the training environment."""
+    path = Path(script)
+    if not path.suffix:
+        path = ROOT / "launch" / f"{script}.py"
+    return subprocess.run([sys.executable, str(path), *map(str, args)], cwd=cwd, env=train_env(env),
+                          capture_output=True, text=True, timeout=timeout, input=input)
+
+
+class Job:
+    """A subprocess started now (the training environment, its own session), waited for on the
+    first ``result()``; stdout/stderr go to files in ``log_dir``, so many can run side by side."""
+
+    def __init__(self, cmd, log_dir: Path, name: str):
+        self.name, self.cmd, self.t0 = name, [str(c) for c in cmd], time.monotonic()
+        self.out_path, self.err_path = log_dir / f"{name}.out", log_dir / f"{name}.err"
+        self._out, self._err = open(self.out_path, "w"), open(self.err_path, "w")
+        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=train_env(), stdout=self._out, stderr=self._err,
+                                     text=True, start_new_session=True)
+        self.wall = None
+
+    def result(self, timeout: float = 600) -> subprocess.CompletedProcess:
+        if self.wall is None:
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.wall = time.monotonic() - self.t0
+            self._out.close()
+            self._err.close()
+        return subprocess.CompletedProcess(self.cmd, self.proc.returncode, self.out_path.read_text(),
+                                           self.err_path.read_text())
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        if not self._out.closed:
+            self._out.close()
+            self._err.close()
 
 
 def descendants(pid: int) -> list[int]:
@@ -174,3 +247,141 @@ def small_text_file(path, n_bytes: int = 200_000) -> Path:
     path = Path(path)
     path.write_text(text)
     return path
+
+
+def log_tail(text: str | None, n_chars: int = 4000) -> str:
+    """A subprocess log (stdout + stderr) without warning noise, cut to its last ``n_chars``."""
+    return "\n".join(ln for ln in (text or "").splitlines()
+                     if "Warning" not in ln and "warnings.warn" not in ln)[-n_chars:]
+
+
+def tiny_config(**sections) -> dict:
+    """``configs/tiny.json`` as a dict, with whole top-level values or single keys of a section
+    replaced: ``tiny_config(train={"max_steps": 2}, output_dir="out")``."""
+    cfg = json.loads(TINY_CONFIG.read_text())
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key] = {**cfg[key], **value}
+        else:
+            cfg[key] = value
+    return cfg
+
+
+def write_config(path, cfg: dict | None = None, **sections) -> Path:
+    """Write a config file (``cfg``, or ``tiny_config(**sections)``) and return its path."""
+    path = Path(path)
+    path.write_text(json.dumps(tiny_config(**sections) if cfg is None else cfg, indent=1))
+    return path
+
+
+def tiny_llama(seed: int = 0, **overrides):
+    """A small random LLaMA (float32): 2 layers, hidden 32, vocab 128, unless overridden."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    kw = dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    kw.update(overrides)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**kw)).eval()
+
+
+def stories260k(dtype=None):
+    """The real stories260K (assets/stories260K), float32 unless ``dtype`` is given."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=dtype or torch.float32)
+
+
+# ------------------------------------------------------------------------------ a local SLURM
+SBATCH = ROOT / "launch" / "slurm" / "train.sbatch"
+SLURM_BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "scancel", "sinfo")
+SLURM_TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+                  "DEADLINE", "PREEMPTED"}
+
+
+def slurm_why_skip() -> str:
+    """Why a local SLURM cannot start here ("" when it can)."""
+    if os.geteuid() != 0:
+        return "needs root: starts munged, slurmctld and slurmd"
+    missing = [b for b in SLURM_BINARIES if shutil.which(b) is None]
+    if missing:
+        return f"not installed: {', '.join(missing)} (apt-get install -y slurmctld slurmd slurm-client munge)"
+    if not Path("/etc/munge/munge.key").is_file():
+        return "/etc/munge/munge.key missing (reinstall the munge package)"
+    return ""
+
+
+def file_tail(path: Path, n: int = 60) -> str:
+    """The last ``n`` lines of a log file, without warning noise and C++ stack frames."""
+    if not path.is_file():
+        return f"({path} does not exist)"
+    lines = [ln for ln in path.read_text(errors="replace").splitlines()
+             if "Warning" not in ln and "warnings.warn" not in ln and not ln.startswith("frame #")]
+    return "\n".join(lines[-n:])
+
+
+def slurm_state_dir(prefix: str) -> Path:
+    d = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    d.chmod(0o755)  # munged runs as the munge user and must reach its socket directory
+    return d
+
+
+class SlurmCluster:
+    """A SLURM brought up by one of the scripts, with its own state directory and ports."""
+
+    def __init__(self, script: str, env: dict):
+        self.script = str(ROOT / "scripts" / script)
+        self.env = env
+        self.dir = Path(env.get("SLURM_LOCAL_DIR") or env["SLURM_NETNS_DIR"])
+        self.conf = self.dir / "slurm.conf"
+
+    @classmethod
+    def local(cls, prefix: str = "pds-slurm-") -> "SlurmCluster":
+        """One node with 2 CPUs (scripts/slurm_local.sh), not started yet."""
+        return cls("slurm_local.sh", dict(os.environ, SLURM_LOCAL_DIR=str(slurm_state_dir(prefix)),
+                                          SLURM_LOCAL_CPUS="2", SLURM_LOCAL_PORT=str(free_port_pair())))
+
+    def up(self) -> None:
+        r = subprocess.run([self.script, "up"], env=self.env, capture_output=True, text=True, timeout=120)
+        if r.returncode != 0:
+            logs = "\n".join(f"--- {p}\n{file_tail(p, 15)}" for p in sorted((self.dir / "log").glob("*.log")))
+            raise RuntimeError(f"{self.script} up failed ({r.returncode}):\n{r.stdout}{r.stderr}\n{logs}")
+
+    def down(self) -> None:
+        subprocess.run([self.script, "down"], env=self.env, capture_output=True, text=True, timeout=120)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def client_env(self, **extra) -> dict:
+        env = dict(os.environ, SLURM_CONF=str(self.conf), OMP_NUM_THREADS="1", CONFIG="configs/tiny.json")
+        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID"):
+            env.pop(k, None)
+        env.update(extra)
+        return env
+
+    def submit(self, log: Path, sbatch_args: list, train_args: list, **env) -> str:
+        """sbatch launch/slurm/train.sbatch; returns the job id. ``env``: the job's environment."""
+        cmd = ["sbatch", "--parsable", "--gpus-per-node=0", "--cpus-per-task=1", "--time=15",
+               f"--output={log}", *sbatch_args, str(SBATCH), *map(str, train_args)]
+        r = subprocess.run(cmd, cwd=ROOT, env=self.client_env(**env), capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 0, f"sbatch failed: {r.stderr}"
+        return r.stdout.strip().split(";")[0]
+
+    def job(self, jid: str) -> dict:
+        r = subprocess.run(["scontrol", "show", "job", "-o", jid], env=self.client_env(),
+                           capture_output=True, text=True, timeout=60)
+        return dict(re.findall(r"(\w+)=(\S*)", r.stdout)) if r.returncode == 0 else {}
+
+    def scancel(self, *args: str) -> None:
+        subprocess.run(["scancel", *args], env=self.client_env(), check=True, timeout=60)
+
+    def wait(self, jid: str, log: Path, timeout: float = 400) -> dict:
+        """Wait until the job ends; its final ``scontrol show job`` fields."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info = self.job(jid)
+            if info.get("JobState") in SLURM_TERMINAL:
+                return info
+            time.sleep(0.5)
+        self.scancel(jid)
+        raise AssertionError(f"job {jid} not finished after {timeout:.0f} s: {self.job(jid)}\n{file_tail(log)}")

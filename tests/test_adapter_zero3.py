@@ -6,13 +6,14 @@ line instead of hanging or dropping them."""
 from __future__ import annotations
 
 import json
-import sys
 import textwrap
-from pathlib import Path
 
+import pytest
 import torch
 
 from helpers import run_train, tail
+
+pytestmark = pytest.mark.slow
 
 SCRIPT = textwrap.dedent('''
     import json, os, sys, torch, deepspeed

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 
 from bench import speed_report  # noqa: E402  (bench/ is a namespace package under the repository root)

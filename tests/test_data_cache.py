@@ -19,6 +19,8 @@ from helpers import ROOT, free_port, train_env
 from propulsion_ds.config import DataConfig
 from propulsion_ds.data import DataError, build_datasets, cache_key, fingerprint, load_or_build
 
+pytestmark = pytest.mark.slow
+
 SELF_INSTRUCT = ROOT / "assets" / "data" / "self_instruct.jsonl"
 MODEL_DIR = ROOT / "assets" / "stories260K"
 PROBE = ROOT / "tests" / "data_cache_probe.py"

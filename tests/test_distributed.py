@@ -17,6 +17,8 @@ import pytest
 from helpers import ROOT, free_port, train_env
 from propulsion_ds.distributed import local_device_index
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.parametrize("local_rank, count, want", [
     (0, 1, 0), (3, 1, 0), (7, 1, 0),          # SLURM binds one GPU per task: the only one is 0

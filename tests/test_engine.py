@@ -39,6 +39,8 @@ from helpers import (MODEL_DIR, ROOT, TINY_CONFIG, ckpt_bytes, eval_records, fre
                      read_metrics, run_train, small_text_file, start_train, tail, train_command,
                      train_env, train_records, wait_for)
 
+pytestmark = pytest.mark.slow
+
 STAGES = (0, 1, 2, 3)
 DTYPES = ("fp32", "bf16")
 COMBOS = [(s, d) for s in STAGES for d in DTYPES]

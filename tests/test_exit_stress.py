@@ -8,7 +8,9 @@ PDS_STRESS_RUNS):
 
   * the 2-task sbatch job (launch/slurm/train.sbatch, srun per rank) on a real local SLURM;
   * torchrun --nproc_per_node 2;
-  * the deepspeed launcher, deepspeed --num_gpus 2 (2 CPU ranks).
+  * the deepspeed launcher, deepspeed --num_gpus 2 (2 CPU ranks); these runs are also the suite's
+    test of that launcher (it appends --local_rank=N; a real 2-rank ZeRO-3 run checkpoints with
+    world size 2, logs every step, and its stderr ends with rank 0's final line).
 
 Every run must end with exit 0 on every rank (SLURM: JobState COMPLETED, ExitCode 0:0; torchrun and the
 deepspeed launcher exit non-zero when any worker does), and nothing may appear on stderr after the run's
@@ -21,6 +23,7 @@ jobs as one test, sharing one cluster and one small data file.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -30,7 +33,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, free_port, small_text_file, train_command, train_env
+from helpers import (ROOT, free_port, free_port_pair, read_metrics, small_text_file, train_command, train_env,
+                     train_records)
 
 RUNS = int(os.environ.get("PDS_STRESS_RUNS", "5"))
 STEPS = 4
@@ -88,6 +92,18 @@ def _finished(out: Path) -> bool:
     return (out / "FINISHED").is_file() and (out / "FINISHED").read_text().strip() == str(STEPS)
 
 
+def _trained(out: Path, what: str) -> list:
+    """Problems with a finished 2-rank run's outputs: a checkpoint of both ranks, every step logged."""
+    problems = []
+    meta = out / "checkpoints" / f"step_{STEPS}" / "meta.json"
+    if not meta.is_file() or json.loads(meta.read_text()).get("world_size") != 2:
+        problems.append(f"{what}: no step_{STEPS} checkpoint of world size 2 ({meta})")
+    steps = [r["step"] for r in train_records(read_metrics(out))] if (out / "metrics.jsonl").is_file() else []
+    if steps != list(range(1, STEPS + 1)):
+        problems.append(f"{what}: metrics.jsonl steps {steps}, not 1..{STEPS}")
+    return problems
+
+
 def _report(name: str, results: list) -> None:
     walls = [w for _, w in results]
     print(f"\n{name}: {sum(ok for ok, _ in results)}/{len(results)} clean; wall s per run "
@@ -118,6 +134,12 @@ def test_launcher_runs_exit_cleanly(launcher, data, tmp_path):
         run_problems = ([] if rc == 0 else [f"run {i}: exit {rc}"]) + check_clean(err, f"run {i}")
         if not _finished(out):
             run_problems.append(f"run {i}: no FINISHED marker for step {STEPS}")
+        else:
+            run_problems += _trained(out, f"run {i}")
+        last = (err.rstrip().splitlines() or [""])[-1]
+        if launcher == "deepspeed" and not last.endswith(DONE):
+            # Rank 0's final line comes after every rank met at the final barrier and left the group.
+            run_problems.append(f"run {i}: stderr does not end with {DONE!r}: {last[-200:]!r}")
         if run_problems:
             problems += run_problems + [f"run {i} stderr tail:\n" + "\n".join(err.splitlines()[-15:])]
         results.append((not run_problems, wall))
@@ -125,33 +147,16 @@ def test_launcher_runs_exit_cleanly(launcher, data, tmp_path):
     assert not problems, "\n".join(problems)
 
 
-@pytest.fixture(scope="module")
-def local_cluster():
-    from test_slurm import Cluster, _free_port_pair, _state_dir, _why_skip
-    why = _why_skip()
-    if why:
-        pytest.skip(why)
-    d = _state_dir("pds-stress-slurm-")
-    c = Cluster("slurm_local.sh", dict(os.environ, SLURM_LOCAL_DIR=str(d), SLURM_LOCAL_CPUS="2",
-                                       SLURM_LOCAL_PORT=str(_free_port_pair())))
-    try:
-        c.up()
-        yield c
-    finally:
-        c.down()
-        shutil.rmtree(d, ignore_errors=True)
-
-
 @pytest.mark.slow
 @pytest.mark.stress
-def test_sbatch_runs_complete_cleanly(local_cluster, data, tmp_path):
-    from test_slurm import _free_port_pair
+def test_sbatch_runs_complete_cleanly(slurm_local, data, tmp_path):
+    local_cluster = slurm_local
     problems, results = [], []
     for i in range(RUNS):
         out, log, err_log = tmp_path / f"run{i}", tmp_path / f"job{i}.out", tmp_path / f"job{i}.err"
         t0 = time.monotonic()
         jid = local_cluster.submit(log, ["--ntasks-per-node=2", f"--error={err_log}"],
-                                   _short_args(data, out)[2:], MASTER_PORT=str(_free_port_pair()))
+                                   _short_args(data, out)[2:], MASTER_PORT=str(free_port_pair()))
         info = local_cluster.wait(jid, log)
         wall = time.monotonic() - t0
         err = err_log.read_text(errors="replace") if err_log.is_file() else ""

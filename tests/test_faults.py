@@ -30,6 +30,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "launch" / "train.py")
 FAULT_ENTRY = str(ROOT / "tests" / "fault_entry.py")     # launch/train.py with faults patched in

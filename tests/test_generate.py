@@ -14,6 +14,8 @@ from transformers import AutoModelForCausalLM
 from propulsion_ds import PropulsionConfig, inject, load_adapter, save_adapter
 from propulsion_ds.model import load_tokenizer
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 STORIES = ROOT / "assets/stories260K"
 PROMPT = "Once upon a time"

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,17 +10,15 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
+from helpers import MODEL_DIR as STORIES, run_cli
 from propulsion_ds import PropulsionConfig, inject, load_adapter, save_adapter
 
-ROOT = Path(__file__).resolve().parent.parent
-STORIES = ROOT / "assets/stories260K"
+pytestmark = pytest.mark.slow
 IDS = torch.tensor([[1, 403, 9, 77, 310, 52, 11, 250, 4, 499, 128, 3]])
 
 
 def _cli(*args):
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, str(ROOT / "launch/merge.py"), *map(str, args)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
+    return run_cli("merge", *args)
 
 
 def _dtypes(directory: Path) -> set:

@@ -1,7 +1,6 @@
 """Offline merge (launch/merge.py, propulsion_ds/tools/merge.py) on the real stories260K and on a
 sharded, tied tiny LLaMA; the result must load with plain transformers and equal base+adapter."""
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -11,23 +10,19 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from helpers import MODEL_DIR as STORIES, run_cli, train_env
 from propulsion_ds import PropulsionConfig, inject, load_adapter, save_adapter
 from propulsion_ds.method.adapter import AdapterError
 from propulsion_ds.tools.merge import INDEX_FILE, MergeError, merge
 
-ROOT = Path(__file__).resolve().parent.parent
-STORIES = ROOT / "assets/stories260K"
+pytestmark = pytest.mark.slow
+
 IDS = torch.tensor([[1, 403, 9, 77, 310, 52, 11, 250, 4, 499, 128, 3],
                     [1, 17, 200, 45, 90, 301, 7, 8, 66, 480, 2, 31]])
 
 
-def _env():
-    return dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-
-
 def _cli(*args):
-    return subprocess.run([sys.executable, str(ROOT / "launch/merge.py"), *map(str, args)], cwd=ROOT,
-                          env=_env(), capture_output=True, text=True, timeout=180)
+    return run_cli("merge", *args, timeout=180)
 
 
 def _adapter(model, directory, seed, **cfg):
@@ -112,7 +107,7 @@ def test_stories260k_cli_merge_loads_with_plain_transformers(work):
         assert not any(k.startswith("propulsion_ds") for k in sys.modules), "propulsion_ds imported"
         torch.save(out, {str(logits_file)!r})
     """)
-    r = subprocess.run([sys.executable, "-c", code], cwd=work, env=_env(), capture_output=True,
+    r = subprocess.run([sys.executable, "-c", code], cwd=work, env=train_env(), capture_output=True,
                        text=True, timeout=180)
     assert r.returncode == 0, r.stderr[-2000:]
     plain = torch.load(logits_file)

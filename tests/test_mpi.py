@@ -12,18 +12,17 @@ get different arguments through mpirun's MPMD form (`-np 1 A : -np 1 B`).
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import ROOT as REPO, free_port, log_tail, small_text_file, train_env
+
 STEPS = 6
 
 
@@ -37,27 +36,15 @@ def _why_skip() -> str:
     return ""
 
 
-pytestmark = pytest.mark.skipif(bool(_why_skip()), reason=_why_skip() or "-")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(bool(_why_skip()), reason=_why_skip() or "-")]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
-def _data(tmp_path) -> Path:
-    text = (REPO / "assets" / "data" / "tinyshakespeare.txt").read_text().splitlines(keepends=True)
-    data = tmp_path / "shakes.txt"
-    data.write_text("".join(text[:8000]))
-    return data
+def _data(tmp_path):
+    return small_text_file(tmp_path / "shakes.txt")
 
 
 def _env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MASTER_PORT=str(_free_port()))
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
-        env.pop(k, None)
-    return env
+    return train_env({"DS_ACCELERATOR": "cpu", "MASTER_PORT": str(free_port())})
 
 
 MPIRUN = ["mpirun", "--allow-run-as-root", "-x", "OMP_NUM_THREADS", "-x", "DS_ACCELERATOR", "-x", "MASTER_PORT"]
@@ -65,8 +52,7 @@ TRAIN = [sys.executable, "launch/train.py"]
 
 
 def _log(r) -> str:
-    return "\n".join(ln for ln in (r.stdout + r.stderr).splitlines()
-                     if "Warning" not in ln and "warnings.warn" not in ln)[-4000:]
+    return log_tail(r.stdout + r.stderr)
 
 
 def test_mpirun_two_ranks(tmp_path):

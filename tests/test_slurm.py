@@ -8,8 +8,9 @@ Two nodes, each slurmd in its own network namespace (scripts/slurm_netns.sh): a 
 node, trains over the virtual network, with either launcher (one task per rank, or torchrun per node).
 
 Skipped only when not root, or when the slurm/munge binaries are missing; the two-node test is skipped
-when `ip netns add` is not permitted. Every cluster here has its own state directory and ports, and is
-torn down at the end of the module.
+when `ip netns add` is not permitted. Every cluster here has its own state directory and ports; the
+one-node cluster is conftest.py's ``slurm_local`` (shared with test_exit_stress.py, torn down at the
+end of the session), the two-node one is torn down at the end of this module.
 """
 from __future__ import annotations
 
@@ -17,126 +18,24 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SBATCH = REPO / "launch" / "slurm" / "train.sbatch"
-BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "scancel", "sinfo")
+from helpers import (SLURM_TERMINAL as TERMINAL, SlurmCluster, file_tail as _tail, free_port_pair,
+                     read_metrics, slurm_state_dir, slurm_why_skip, small_text_file, train_records)
+
 STEPS = 12
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-            "DEADLINE", "PREEMPTED"}
 
-
-def _why_skip() -> str:
-    if os.geteuid() != 0:
-        return "needs root: starts munged, slurmctld and slurmd"
-    missing = [b for b in BINARIES if shutil.which(b) is None]
-    if missing:
-        return f"not installed: {', '.join(missing)} (apt-get install -y slurmctld slurmd slurm-client munge)"
-    if not Path("/etc/munge/munge.key").is_file():
-        return "/etc/munge/munge.key missing (reinstall the munge package)"
-    return ""
-
-
-pytestmark = pytest.mark.skipif(bool(_why_skip()), reason=_why_skip() or "-")
-
-
-def _free_port_pair() -> int:
-    """A port p with p and p+1 free (slurmctld, slurmd)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("", 0))
-            p = s.getsockname()[1]
-        if p >= 65535:
-            continue
-        try:
-            with socket.socket() as s:
-                s.bind(("", p + 1))
-            return p
-        except OSError:
-            continue
-    raise RuntimeError("no free port pair")
-
-
-def _tail(path: Path, n: int = 60) -> str:
-    if not path.is_file():
-        return f"({path} does not exist)"
-    lines = [ln for ln in path.read_text(errors="replace").splitlines()
-             if "Warning" not in ln and "warnings.warn" not in ln and not ln.startswith("frame #")]
-    return "\n".join(lines[-n:])
-
-
-class Cluster:
-    """A SLURM brought up by one of the scripts, with its own state directory and ports."""
-
-    def __init__(self, script: str, env: dict):
-        self.script = str(REPO / "scripts" / script)
-        self.env = env
-        self.dir = Path(env.get("SLURM_LOCAL_DIR") or env["SLURM_NETNS_DIR"])
-        self.conf = self.dir / "slurm.conf"
-
-    def up(self) -> None:
-        r = subprocess.run([self.script, "up"], env=self.env, capture_output=True, text=True, timeout=120)
-        if r.returncode != 0:
-            logs = "\n".join(f"--- {p}\n{_tail(p, 15)}" for p in sorted((self.dir / "log").glob("*.log")))
-            raise RuntimeError(f"{self.script} up failed ({r.returncode}):\n{r.stdout}{r.stderr}\n{logs}")
-
-    def down(self) -> None:
-        subprocess.run([self.script, "down"], env=self.env, capture_output=True, text=True, timeout=120)
-
-    def client_env(self, **extra) -> dict:
-        env = dict(os.environ, SLURM_CONF=str(self.conf), OMP_NUM_THREADS="1", CONFIG="configs/tiny.json")
-        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID"):
-            env.pop(k, None)
-        env.update(extra)
-        return env
-
-    def submit(self, log: Path, sbatch_args: list, train_args: list, **env) -> str:
-        cmd = ["sbatch", "--parsable", "--gpus-per-node=0", "--cpus-per-task=1", "--time=15",
-               f"--output={log}", *sbatch_args, str(SBATCH), *train_args]
-        r = subprocess.run(cmd, cwd=REPO, env=self.client_env(**env), capture_output=True, text=True,
-                           timeout=60)
-        assert r.returncode == 0, f"sbatch failed: {r.stderr}"
-        return r.stdout.strip().split(";")[0]
-
-    def job(self, jid: str) -> dict:
-        r = subprocess.run(["scontrol", "show", "job", "-o", jid], env=self.client_env(),
-                           capture_output=True, text=True, timeout=60)
-        return dict(re.findall(r"(\w+)=(\S*)", r.stdout)) if r.returncode == 0 else {}
-
-    def scancel(self, *args: str) -> None:
-        subprocess.run(["scancel", *args], env=self.client_env(), check=True, timeout=60)
-
-    def wait(self, jid: str, log: Path, timeout: float = 400) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            info = self.job(jid)
-            if info.get("JobState") in TERMINAL:
-                return info
-            time.sleep(0.5)
-        self.scancel(jid)
-        pytest.fail(f"job {jid} not finished after {timeout:.0f} s: {self.job(jid)}\n{_tail(log)}")
-
-
-def _state_dir(prefix: str) -> Path:
-    d = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
-    d.chmod(0o755)  # munged runs as the munge user and must reach its socket directory
-    return d
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(bool(slurm_why_skip()), reason=slurm_why_skip() or "-")]
 
 
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory) -> Path:
-    # 1/5 of tinyshakespeare (~1000 blocks of 128 tokens): the same run, less tokenizing.
-    text = (REPO / "assets" / "data" / "tinyshakespeare.txt").read_text().splitlines(keepends=True)
-    p = tmp_path_factory.mktemp("data") / "shakes.txt"
-    p.write_text("".join(text[:8000]))
-    return p
+    # Part of tinyshakespeare: the same run, less tokenizing.
+    return small_text_file(tmp_path_factory.mktemp("data") / "shakes.txt")
 
 
 def _train_args(out: Path, data: Path) -> list:
@@ -145,16 +44,8 @@ def _train_args(out: Path, data: Path) -> list:
 
 
 @pytest.fixture(scope="module")
-def local_cluster():
-    d = _state_dir("pds-slurm-")
-    c = Cluster("slurm_local.sh", dict(os.environ, SLURM_LOCAL_DIR=str(d), SLURM_LOCAL_CPUS="2",
-                                       SLURM_LOCAL_PORT=str(_free_port_pair())))
-    try:
-        c.up()
-        yield c
-    finally:
-        c.down()
-        shutil.rmtree(d, ignore_errors=True)
+def local_cluster(slurm_local):
+    return slurm_local
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +55,7 @@ def reference(local_cluster, small_data, tmp_path_factory):
     out, log = work / "out", work / "job.log"
     t0 = time.monotonic()
     jid = local_cluster.submit(log, ["--ntasks-per-node=2"], _train_args(out, small_data),
-                               MASTER_PORT=str(_free_port_pair()))
+                               MASTER_PORT=str(free_port_pair()))
     info = local_cluster.wait(jid, log)
     return {"out": out, "log": log, "info": info, "seconds": time.monotonic() - t0}
 
@@ -183,8 +74,7 @@ def _assert_same_adapter(a: Path, b: Path) -> None:
 
 
 def _train_records(out: Path) -> list:
-    recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-    return [r for r in recs if "loss" in r]
+    return train_records(read_metrics(out))
 
 
 def _rank_files(step_dir: Path) -> set:
@@ -222,7 +112,7 @@ def test_preempted_job_requeues_resumes_and_matches(local_cluster, reference, sm
     out, log = tmp_path / "out", tmp_path / "job.log"
     t0 = time.monotonic()
     jid = local_cluster.submit(log, ["--ntasks-per-node=2"], _train_args(out, small_data),
-                               MASTER_PORT=str(_free_port_pair()))
+                               MASTER_PORT=str(free_port_pair()))
     latest = out / "checkpoints" / "latest"
     while not latest.exists():
         info = local_cluster.job(jid)
@@ -265,17 +155,16 @@ def netns_cluster():
     why = _netns_skip_reason()
     if why:
         pytest.skip(why)
-    d = _state_dir("pds-slurm-netns-")
+    d = slurm_state_dir("pds-slurm-netns-")
     # Own names and subnet, so a developer's scripts/slurm_netns.sh cluster (pds, 10.77.0) is left alone.
-    c = Cluster("slurm_netns.sh", dict(os.environ, SLURM_NETNS_DIR=str(d), SLURM_NETNS_PREFIX="pdt",
-                                       SLURM_NETNS_SUBNET="10.78.0",
-                                       SLURM_NETNS_PORT=str(_free_port_pair())))
+    c = SlurmCluster("slurm_netns.sh", dict(os.environ, SLURM_NETNS_DIR=str(d), SLURM_NETNS_PREFIX="pdt",
+                                            SLURM_NETNS_SUBNET="10.78.0",
+                                            SLURM_NETNS_PORT=str(free_port_pair())))
     try:
         c.up()
         yield c
     finally:
         c.down()
-        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.mark.parametrize("launcher", ["srun", "torchrun"])
@@ -285,7 +174,7 @@ def test_two_nodes_train_over_the_network(netns_cluster, reference, small_data, 
     # The host name resolves to 127.0.0.1 in both namespaces: gloo must be told the interface.
     jid = netns_cluster.submit(log, ["--nodes=2", "--ntasks-per-node=1"], _train_args(out, small_data),
                                LAUNCHER=launcher, GLOO_SOCKET_IFNAME="pdt0",
-                               MASTER_PORT=str(_free_port_pair()))
+                               MASTER_PORT=str(free_port_pair()))
     info = netns_cluster.wait(jid, log)
     text = log.read_text()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", _tail(log)

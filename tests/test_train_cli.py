@@ -15,51 +15,19 @@ import json
 import math
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from helpers import (MODEL_DIR, ROOT, TINY_CONFIG, TRAIN, eval_records, read_metrics, tail,
-                     train_env, train_records)
+from helpers import (MODEL_DIR, ROOT, TINY_CONFIG, TRAIN, Job, eval_records, read_metrics, run_cli, tail,
+                     train_records)
+
+pytestmark = pytest.mark.slow
 
 DEFAULT_STEPS = 150                    # configs/tiny.json train.max_steps
 DEFAULT_EVAL_EVERY = 50
 GENERATE = ROOT / "launch" / "generate.py"
 PROMPT = "Once upon a time"
-
-
-class Job:
-    """A subprocess started now, waited for on first ``result()``; stdout/stderr go to files."""
-
-    def __init__(self, cmd, log_dir: Path, name: str):
-        self.name, self.cmd, self.t0 = name, [str(c) for c in cmd], time.monotonic()
-        self.out_path, self.err_path = log_dir / f"{name}.out", log_dir / f"{name}.err"
-        self._out, self._err = open(self.out_path, "w"), open(self.err_path, "w")
-        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=train_env(), stdout=self._out, stderr=self._err,
-                                     text=True, start_new_session=True)
-        self.wall = None
-
-    def result(self, timeout: float = 600) -> subprocess.CompletedProcess:
-        if self.wall is None:
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-            self.wall = time.monotonic() - self.t0
-            self._out.close()
-            self._err.close()
-        return subprocess.CompletedProcess(self.cmd, self.proc.returncode, self.out_path.read_text(),
-                                           self.err_path.read_text())
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        if not self._out.closed:
-            self._out.close()
-            self._err.close()
 
 
 def train_cmd(*args) -> list:
@@ -143,8 +111,7 @@ def test_refuses_to_overwrite_a_finished_run(default_job):
     assert done.returncode == 0, tail(done.stderr)
     out = default_job.output_dir
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
-    proc = subprocess.run(train_cmd(TINY_CONFIG, "--set", f"output_dir={out}"), cwd=ROOT, env=train_env(),
-                          capture_output=True, text=True, timeout=300)
+    proc = run_cli("train", "--config", TINY_CONFIG, "--set", f"output_dir={out}")
     assert_one_line_error(proc, [str(out), "finished run", "--resume", "--overwrite"])
     after = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
     assert after == before, "a refused run touched the finished run's files"
