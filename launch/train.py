@@ -25,6 +25,7 @@ that code. A lost peer (1) and Ctrl-C (130) leave at once, without the barrier.
 from __future__ import annotations
 
 import argparse
+import datetime
 import logging
 import os
 import sys
@@ -131,15 +132,69 @@ def _group_formed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
+_ERROR_KEY = "propulsion_ds/error/"
+_SAME_ERROR_WAIT_S = 10.0      # how long a rank waits to see whether rank 0 reports the same error
+
+
+def _env_ranks() -> tuple[int, int]:
+    """(global rank, local rank) from the launcher's environment, before any process group."""
+    env = os.environ
+    rank = int(env.get("RANK", env.get("OMPI_COMM_WORLD_RANK", env.get("PMI_RANK", env.get("SLURM_PROCID", "0")))))
+    local = env.get("LOCAL_RANK", env.get("OMPI_COMM_WORLD_LOCAL_RANK", env.get("SLURM_LOCALID")))
+    return rank, rank if local is None else int(local)
+
+
+def _post_error(message: str | None):
+    """(rank, store): this rank's error line (or "") posted under its rank in the rendezvous store,
+    so the other ranks can tell whether rank 0 already said the same; store None with one rank."""
+    import torch
+
+    rank = torch.distributed.get_rank()
+    if torch.distributed.get_world_size() == 1:
+        return rank, None
+    try:
+        store = torch.distributed.distributed_c10d._get_default_store()
+        store.set(f"{_ERROR_KEY}{rank}", message or "")
+    except Exception:  # noqa: BLE001 - a private helper, or a broken store: every rank speaks for itself
+        return rank, None
+    return rank, store
+
+
+def _print_error(message: str, rank: int, store) -> None:
+    """Rank 0 prints its line. Another rank prints its own, prefixed by its rank, only when rank 0
+    did not post the same line within a few seconds (it failed otherwise, or not at all)."""
+    if rank == 0 or store is None:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        return
+    try:
+        store.wait([f"{_ERROR_KEY}0"], datetime.timedelta(seconds=_SAME_ERROR_WAIT_S))
+        same = store.get(f"{_ERROR_KEY}0").decode() == message
+    except Exception:  # noqa: BLE001 - rank 0 is busy elsewhere (a collective) or gone
+        same = False
+    if not same:
+        print(f"error: rank {rank}: {message}", file=sys.stderr, flush=True)
+
+
 def finish(code: int, message: str | None, cfg=None) -> int:
     """Print the error line (if any), end the process group in order, and return the exit code.
 
-    Returns only for an orderly exit; otherwise leaves the process here (os._exit, MPI_Abort)."""
-    if message:
-        print(f"error: {message}", file=sys.stderr, flush=True)
-    if _group_formed():
+    Returns only for an orderly exit; otherwise leaves the process here (os._exit, MPI_Abort).
+
+    An error line is printed once per job, not once per rank: with a process group, rank 0 prints
+    its own and another rank prints only a line rank 0 did not (prefixed "rank N: "). Before the
+    group forms every rank of a node ran the same command on the same files, so one rank per node
+    speaks (every rank under mpirun, whose ranks may run different commands)."""
+    if not _group_formed():
+        rank, local_rank = _env_ranks()
+        if message and (rank == 0 or local_rank == 0 or "OMPI_COMM_WORLD_RANK" in os.environ
+                        or "PMI_RANK" in os.environ):
+            print(f"error: {message}", file=sys.stderr, flush=True)
+    else:
         from propulsion_ds import distributed as dist
 
+        rank, store = _post_error(message)
+        if message:
+            _print_error(message, rank, store)
         timeout = shutdown_timeout_s(cfg)
         if dist.shutdown(timeout):
             if code == EXIT_OK:

@@ -4,6 +4,10 @@
 :func:`resolve_model_path` turns an id into its directory in the local Hub cache, downloading it
 on global rank 0 only (the other ranks wait at a barrier, then read the cache) unless the user set
 ``HF_HUB_OFFLINE``. We never set it: tests and the default job pass local directories.
+
+A value that looks like a path (``./x``, ``../x``, ``/x``, ``~/x``, two or more slashes, or
+``a/b`` where ``a`` exists here) is never sent to the Hub: a typo in a local path is reported at
+once as a missing directory, not after the Hub client's retries.
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from typing import Callable, Optional
 
 import torch
 
-from propulsion_ds.config import ConfigError
+from propulsion_ds.errors import ConfigError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -27,9 +31,30 @@ _NEVER = ["original/*", "*.h5", "*.msgpack", "*.ot", "*.onnx", "onnx/*", "*.onnx
           "*.tflite", "*.gguf", "coreml/*", "*.mlmodel", "*.mlpackage/*", "openvino/*"]
 
 
+def looks_local(value: str) -> bool:
+    """True for a value the user meant as a local path: it starts with ``./``, ``../``, ``/`` or
+    ``~``, holds a backslash or more than one slash, or is ``a/b`` with ``a`` an existing directory
+    (``models/smollm2`` where ``models/`` is here). A Hub id is exactly ``org/name``."""
+    if value.startswith(("./", "../", "/", "~", ".\\", "..\\")) or value in (".", "..") or "\\" in value:
+        return True
+    parts = value.split("/")
+    return len(parts) > 2 or (len(parts) == 2 and os.path.isdir(parts[0]))
+
+
 def is_hub_id(value: str) -> bool:
-    """``org/name`` that is not an existing local directory."""
-    return isinstance(value, str) and bool(HUB_ID.match(value)) and not os.path.isdir(value)
+    """``org/name`` that is not an existing local directory and does not look like a local path."""
+    return (isinstance(value, str) and bool(HUB_ID.match(value)) and not os.path.isdir(value)
+            and not looks_local(value))
+
+
+def missing_directory(value: str, field: str) -> str:
+    """The one-line message for a local path that is not there, naming the deepest part that is."""
+    path = os.path.expanduser(value)
+    parent = os.path.dirname(os.path.normpath(path))
+    while parent and not os.path.isdir(parent):
+        parent = os.path.dirname(parent)
+    there = f"; {parent!r} exists" if parent else ""
+    return f"{field}: directory not found: {value!r}{there} (a local model directory, or a Hugging Face Hub id org/name)"
 
 
 def hub_offline() -> bool:
@@ -62,9 +87,12 @@ def _from_cache(repo_id: str, revision: Optional[str]) -> Optional[str]:
 
 
 def _download(repo_id: str, revision: Optional[str]) -> str:
-    from huggingface_hub import list_repo_files, snapshot_download
+    from huggingface_hub import HfApi, snapshot_download
 
-    files = list_repo_files(repo_id, revision=revision)
+    # model_info fails at once when the Hub is unreachable or the repo does not exist;
+    # list_repo_files retries a connection error for ~30 s, which only delays the same answer.
+    info = HfApi().model_info(repo_id, revision=revision)
+    files = [s.rfilename for s in (info.siblings or [])]
     return snapshot_download(repo_id, revision=revision, cache_dir=_cache_dir(),
                              ignore_patterns=download_ignore_patterns(files))
 
@@ -83,8 +111,7 @@ def resolve_model_path(name_or_path: str, *, rank: int = 0, barrier: Optional[Ca
     if os.path.isdir(name_or_path):
         return name_or_path
     if not is_hub_id(name_or_path):
-        raise ConfigError(f"{field}: directory not found: {name_or_path!r} (a local model directory "
-                          f"or a Hugging Face Hub id org/name)")
+        raise ConfigError(missing_directory(name_or_path, field))
     offline = hub_offline()
     error = None
     path = _from_cache(name_or_path, revision)
@@ -105,10 +132,12 @@ def resolve_model_path(name_or_path: str, *, rank: int = 0, barrier: Optional[Ca
     if path is None:
         where = _cache_dir() or "the default Hugging Face cache"
         if offline:
-            raise ConfigError(f"{field}: {name_or_path!r} is not in the local Hub cache ({where}) and "
-                              f"HF_HUB_OFFLINE is set: download it once online, or pass a local directory")
+            raise ConfigError(f"{field}: {name_or_path!r} is not a local directory, nor in the local Hub "
+                              f"cache ({where}), and HF_HUB_OFFLINE is set: download it once online, "
+                              f"or pass a local directory")
         reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}" if error else "not found"
-        raise ConfigError(f"{field}: cannot download {name_or_path!r} from the Hugging Face Hub ({reason})")
+        raise ConfigError(f"{field}: {name_or_path!r} is not a local directory, and cannot download it "
+                          f"from the Hugging Face Hub ({reason})")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ConfigError(f"{field}: {name_or_path!r} resolved to {path!r}, which has no config.json")
     return path

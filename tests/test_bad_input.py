@@ -257,6 +257,39 @@ def test_data_errors(tmp_path, small_text):
     assert not out.exists()
 
 
+def test_missing_local_model_directory_is_reported_before_any_hub_lookup(tmp_path):
+    """A value that looks like a local path is a missing directory, never a Hub id: ``assets/x``
+    (``assets/`` exists here), two slashes, ``./``; ``org/name`` alone may go to the Hub."""
+    out = tmp_path / "out"
+    cases = [
+        Case("first part exists", train("model.name_or_path=assets/smollm2", f"output_dir={out}"),
+             ["model.name_or_path: directory not found: 'assets/smollm2'"]),
+        Case("two slashes", train("model.name_or_path=models/llama/13b", f"output_dir={out}"),
+             ["model.name_or_path: directory not found: 'models/llama/13b'"]),
+        Case("./ prefix", train("model.name_or_path=./smollm2", f"output_dir={out}"),
+             ["model.name_or_path: directory not found: './smollm2'"]),
+        Case("tokenizer", train("tokenizer.name_or_path=assets/nope", f"output_dir={out}"),
+             ["tokenizer.name_or_path: directory not found: 'assets/nope'"]),
+    ]
+    assert_cases(cases)
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_under_torchrun_an_error_is_printed_once(tmp_path):
+    """Two ranks hit the same bad data file: the line appears once (rank 0's), not once per rank."""
+    from helpers import run_train
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "one"}\n{"text": broken\n')
+    r = run_train(["--config", "configs/tiny.json", "--set", f"data.train={bad}", "--set", "data.eval_fraction=0",
+                   "--set", f"output_dir={tmp_path / 'out'}", "--set", f"data.cache_dir={tmp_path / 'cache'}"],
+                  nproc=2, timeout=300)
+    needle = f"{bad}:2: not valid JSON"
+    assert r.returncode != 0 and r.stderr.count(needle) == 1, r.stderr[-3000:]
+    assert f"error: {needle}" in r.stderr and "rank 1:" not in r.stderr
+
+
 # --------------------------------------------------------------------------- adapters
 def _save_adapter(model, directory: Path) -> Path:
     from propulsion_ds.method.adapter import save_adapter

@@ -85,6 +85,42 @@ def test_not_a_directory_nor_hub_id(tmp_path):
         resolve_model_path(str(tmp_path / "nope" / "deeper"))
 
 
+@pytest.mark.parametrize("value", ["./smollm2", "../smollm2", "/nonexistent/smollm2", "~/nonexistent-smollm2",
+                                   "models/llama/13b", "assets/smollm2"])
+def test_local_looking_path_is_a_missing_directory_without_hub_or_barrier(value, monkeypatch):
+    """Online (not offline) but never asked: the one-line error says the directory is missing, and
+    no rank waits at the barrier (it is a local answer every rank gives alike)."""
+    monkeypatch.chdir(ROOT)                     # assets/ exists here: assets/smollm2 looks local
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")     # closed: a lookup would say "cannot download"
+    calls = []
+    with pytest.raises(ConfigError) as e:
+        resolve_model_path(value, barrier=lambda: calls.append(1))
+    msg = str(e.value)
+    assert msg.startswith(f"model.name_or_path: directory not found: {value!r}") and "\n" not in msg, msg
+    assert calls == []
+
+
+def test_hub_id_that_is_no_directory_is_sent_to_the_hub_only_then(tmp_path, monkeypatch):
+    """``org/name`` with no ``org/`` here is a Hub id; an unreachable Hub fails at once, in one line
+    saying it is not a local directory either, without the Hub client's retries."""
+    script = textwrap.dedent("""
+        from propulsion_ds.model import resolve_model_path
+        try:
+            resolve_model_path("no-such-org/smollm2")
+        except Exception as e:
+            print(type(e).__name__ + ": " + str(e))
+    """)
+    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path), PYTHONPATH=str(ROOT), HF_ENDPOINT="http://127.0.0.1:9")
+    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        env.pop(key, None)
+    r = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120)
+    assert r.stdout.startswith("ConfigError: model.name_or_path: 'no-such-org/smollm2' is not a local "
+                               "directory, and cannot download it from the Hugging Face Hub"), r.stdout + r.stderr
+    assert "Retrying" not in r.stderr, r.stderr[-2000:]
+
+
 def test_resolver_never_sets_offline(tmp_path, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
@@ -129,7 +165,8 @@ def test_online_failure_reaches_every_rank_without_a_hang(tmp_path):
     lines = r.stdout.strip().splitlines()
     assert r.returncode == 0 and len(lines) == 2, r.stderr[-2000:]
     for line in lines:
-        assert line.startswith("ConfigError: model.name_or_path: cannot download 'test-org/not-there'"), line
+        assert line.startswith("ConfigError: model.name_or_path: 'test-org/not-there' is not a local "
+                               "directory, and cannot download it"), line
         assert "RepositoryNotFoundError" in line
 
 

@@ -41,7 +41,8 @@ def anchor_paths(raw: dict, base: str) -> dict:
         value = node.get("name_or_path") if isinstance(node, dict) else None
         if isinstance(value, str) and value:
             anchored = _anchor(value, base)
-            if os.path.isdir(anchored) or not HUB_ID.match(value):
+            # models/x where models/ is beside the config: a local path, even though x is missing.
+            if os.path.isdir(anchored) or not HUB_ID.match(value) or os.path.isdir(os.path.dirname(anchored)):
                 node["name_or_path"] = anchored
     return raw
 

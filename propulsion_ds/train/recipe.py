@@ -57,9 +57,12 @@ class Trainer:
         check_attn_implementation(cfg.model)      # before the long steps, on every rank alike
         torch.manual_seed(cfg.train.seed)
         # A Hub id is fetched once (rank 0 first) or read from the local cache.
-        model_path = resolve_model_path(cfg.model.name_or_path, rank=self.rank, barrier=dist.barrier)
+        # The download can outlast distributed.timeout_minutes: the others wait on a patient barrier,
+        # made only when a Hub id needs one (every rank resolves the same name alike).
+        hub_wait = lambda: dist.patient_barrier()()  # noqa: E731
+        model_path = resolve_model_path(cfg.model.name_or_path, rank=self.rank, barrier=hub_wait)
         tok_path = (model_path if cfg.tokenizer.name_or_path is None else resolve_model_path(
-            cfg.tokenizer.name_or_path, rank=self.rank, barrier=dist.barrier, field="tokenizer.name_or_path"))
+            cfg.tokenizer.name_or_path, rank=self.rank, barrier=hub_wait, field="tokenizer.name_or_path"))
         self.tokenizer = load_tokenizer(tok_path, cfg.model.trust_remote_code)
         self.data = load_run_data(cfg, self.tokenizer, self.rank, self.world)
         self.max_steps = self.data.max_steps
