@@ -248,13 +248,15 @@ def _mean_std(xs):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS),
-                    help="default: all but 'norms' (opt-in)")
-    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--methods", nargs="+", default=None, choices=list(METHODS),
+                    help="default: all but 'norms' (opt-in); gsm8k: %s; commonsense: %s"
+                         % (" ".join(GSM8K_METHODS), " ".join(CS_METHODS)))
+    ap.add_argument("--steps", type=int, default=None, help="default 200 (commonsense: 60)")
     ap.add_argument("--micro-batch", dest="micro_batch", type=int, default=8)
-    ap.add_argument("--max-length", dest="max_length", type=int, default=128)
-    ap.add_argument("--warmup", type=int, default=10)
-    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--max-length", dest="max_length", type=int, default=None, help="default 128 (commonsense: 256)")
+    ap.add_argument("--warmup", type=int, default=None, help="default 10 (commonsense: 6)")
+    ap.add_argument("--seeds", type=int, default=None,
+                    help="default 3 (gsm8k: 1; commonsense: 3 with --sweep, else 1)")
     ap.add_argument("--eval-every", dest="eval_every", type=int, default=50)
     ap.add_argument("--eval-batches", dest="eval_batches", type=int, default=8,
                     help="eval batches for the intermediate curve points (0: all); step 0 and the "
@@ -262,13 +264,30 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=2, help="runs side by side (one thread each)")
     ap.add_argument("--no-extend", action="store_true", help="do not extend a grid whose best LR is on its edge")
     ap.add_argument("--quick", action="store_true", help="smoke test: few steps, middle LR, one seed, small eval")
-    ap.add_argument("--task", default="shakespeare", choices=["shakespeare", "gsm8k"],
-                    help="shakespeare: stories260K on tinyshakespeare; gsm8k: SmolLM2-135M on GSM8K chats")
-    ap.add_argument("--train-rows", dest="train_rows", type=int, default=256)
+    ap.add_argument("--task", default="shakespeare", choices=["shakespeare", "gsm8k", "commonsense"],
+                    help="shakespeare: stories260K on tinyshakespeare; gsm8k: SmolLM2-135M on GSM8K chats; "
+                         "commonsense: SmolLM2-135M on the BoolQ/ARC/OBQA mix, dev multiple-choice accuracy")
+    ap.add_argument("--train-rows", dest="train_rows", type=int, default=None,
+                    help="default 256 (commonsense: 1200, a quarter from each train file)")
     ap.add_argument("--eval-rows", dest="eval_rows", type=int, default=64)
     ap.add_argument("--lr", dest="lrs", action="append", default=[], metavar="METHOD=LR",
                     help="use this one LR for METHOD (no sweep); repeatable")
     ap.add_argument("--out-dir", default=str(common.RESULTS))
+    cs = ap.add_argument_group("commonsense task")
+    cs.add_argument("--data-dir", dest="data_dir", default=CS_DATA_DIR,
+                    help="directory of {boolq,arc_easy,arc_challenge,openbookqa}_{train,dev}.jsonl")
+    cs.add_argument("--eval-files", dest="eval_files", nargs="+", default=None,
+                    help="score these files (same format) instead of the four dev files")
+    cs.add_argument("--sweep", action="store_true",
+                    help="run each method's LR grid on seed 0 first, pick by dev mean accuracy")
+    cs.add_argument("--json", default=None, help="write the result here (default: <out-dir>/commonsense_<format>.json)")
+    cs.add_argument("--answer-format", dest="answer_format", choices=["label", "text"], default=None,
+                    help=f"completion scored per option (default {CS_DEFAULT_FORMAT!r}, see docs/QUALITY.md)")
+    cs.add_argument("--eval-questions", dest="eval_questions", type=int, default=None,
+                    help="score only the first N questions of each eval file (default: all)")
+    cs.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
+                    help="bf16 autocast for training and scoring; auto: measured once, used if faster")
+    cs.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args(argv)
     fixed = {}
     for item in args.lrs:
@@ -276,12 +295,25 @@ def main(argv=None) -> int:
         if m not in METHODS or not v:
             ap.error(f"--lr {item!r}: expected METHOD=LR with METHOD one of {', '.join(METHODS)}")
         fixed[m] = float(v)
+    if args.task == "commonsense":
+        args.steps = 60 if args.steps is None else args.steps
+        args.max_length = 256 if args.max_length is None else args.max_length
+        args.warmup = 6 if args.warmup is None else args.warmup
+        args.train_rows = 1200 if args.train_rows is None else args.train_rows
+        return commonsense_main(args, fixed)
+    args.steps = 200 if args.steps is None else args.steps
+    args.max_length = 128 if args.max_length is None else args.max_length
+    args.warmup = 10 if args.warmup is None else args.warmup
+    args.train_rows = 256 if args.train_rows is None else args.train_rows
+    args.seeds = 3 if args.seeds is None else args.seeds
     if args.task == "gsm8k":
         TASK.update(name="gsm8k", model="smollm2", train_rows=args.train_rows, eval_rows=args.eval_rows)
-        if argv is None and "--methods" not in sys.argv:
+        if args.methods is None:
             args.methods = list(GSM8K_METHODS)
         fixed = {**{m: GSM8K_LRS[m] for m in args.methods if m in GSM8K_LRS}, **fixed}
         args.seeds, args.no_extend = 1, True
+    if args.methods is None:
+        args.methods = list(DEFAULT_METHODS)
     if args.quick:
         args.steps = min(args.steps, 6)
         args.seeds, args.eval_every, args.eval_batches, args.warmup = 1, 3, 2, 1
@@ -441,6 +473,367 @@ def plot(result, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# ====================================================================== commonsense (multiple choice)
+# SmolLM2-135M-Instruct trained on a mix of the four commonsense train files (BoolQ, ARC-Easy,
+# ARC-Challenge, OpenBookQA in the LLM-Adapters instruction format), scored by multiple-choice
+# accuracy on their dev files with propulsion_ds.eval.choice (the trainer's own scorer). See
+# docs/QUALITY.md for the measurements behind every default below.
+CS_FILES = ["boolq", "arc_easy", "arc_challenge", "openbookqa"]
+CS_METHODS = ["base", "prop_k15", "prop_all", "ia3", "lora", "full"]
+CS_DATA_DIR = "../shared/data/commonsense"
+CS_SAMPLE = common.ROOT / "assets" / "data" / "commonsense_sample"
+# The learning rate each method trains at without --sweep (docs/QUALITY.md: how each was chosen on
+# dev). The scale methods are matched by their per-step change: z**k moves ~k*lr per step, so
+# IA3 (k=1) needs ~15x propulsion k=15's rate for the same step.
+CHOSEN_LRS = {"prop_k15": 1e-3, "prop_all": 1e-3, "ia3": 1.5e-2, "lora": 1e-3, "full": 3e-5}
+# --sweep grids (seed 0, picked by dev mean accuracy), centred on CHOSEN_LRS' reasoning above.
+CS_GRIDS = {"prop_k15": [5e-4, 1e-3, 2e-3, 4e-3], "prop_all": [5e-4, 1e-3, 2e-3],
+            "ia3": [7.5e-3, 1.5e-2, 3e-2, 6e-2], "lora": [5e-4, 1e-3, 2e-3, 4e-3],
+            "full": [1e-5, 3e-5, 1e-4]}
+# 'text' discriminates for a 135M model, 'label' does not (docs/QUALITY.md, answer-format table).
+CS_DEFAULT_FORMAT = "text"
+
+
+def _die(msg: str):
+    """Bad input: one line naming the file or option, exit code 2."""
+    print(f"quality.py: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def cs_data_dir(arg: str, quick: bool) -> Path:
+    """--data-dir as given (relative to the working directory, else to the repository root); in
+    --quick mode, without it, the small sample shipped in assets/data/commonsense_sample."""
+    for p in (Path(arg), common.ROOT / arg):
+        if p.is_dir():
+            return p
+    if quick and CS_SAMPLE.is_dir():
+        return CS_SAMPLE
+    _die(f"--data-dir: {arg} is not a directory (expected {'/'.join(CS_FILES)}_{{train,dev}}.jsonl)")
+
+
+def _read_jsonl(path: Path) -> list:
+    import json as _json
+    if not path.is_file():
+        _die(f"{path}: no such file")
+    rows = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(_json.loads(line))
+                except ValueError as e:
+                    _die(f"{path}: line {i} is not JSON ({e})")
+    return rows
+
+
+def cs_train_mix(data_dir: Path, n_rows: int, seed: int = 0) -> list:
+    """``n_rows`` training rows, an equal share from each of the four train files, drawn without
+    replacement with a fixed seed and shuffled together: the same rows for every method and seed."""
+    import random
+    rng = random.Random(seed)
+    mix = []
+    per = [n_rows // len(CS_FILES) + (i < n_rows % len(CS_FILES)) for i in range(len(CS_FILES))]
+    for name, k in zip(CS_FILES, per):
+        rows = _read_jsonl(data_dir / f"{name}_train.jsonl")
+        mix += rng.sample(rows, min(k, len(rows)))
+    rng.shuffle(mix)
+    return mix
+
+
+def cs_questions(files: list, answer_format: str, limit: int | None) -> list:
+    """The eval questions of each file (its first ``limit`` rows), tagged with the file's stem."""
+    from propulsion_ds.eval import choice
+    qs = []
+    for f in files:
+        rows = _read_jsonl(Path(f))[:limit] if limit else _read_jsonl(Path(f))
+        qs += choice.build_questions(rows, None, answer_format, Path(f).stem)
+    # Similar lengths in one batch pad less (the scorer pads a batch's candidates to the longest);
+    # the counts per file do not depend on the order.
+    return sorted(qs, key=lambda q: len(q.prompt) + max(len(c) for c in q.completions))
+
+
+def cs_train_data(mix: list, answer_format: str, max_length: int, model: str):
+    """The mix through the project's instruction pipeline (Alpaca template, packed rows)."""
+    import json as _json
+    import tempfile
+    from propulsion_ds import data
+    from propulsion_ds.config import DataConfig
+    from propulsion_ds.eval import choice
+    rows = [choice.text_format_row(r) if answer_format == "text" else r for r in mix]
+    tmp = Path(tempfile.mkdtemp(prefix="commonsense_"))
+    keep = ("instruction", "input", "output")
+    (tmp / "train.jsonl").write_text("".join(_json.dumps({k: r.get(k, "") for k in keep}) + "\n" for r in rows))
+    tok = common.tokenizer(model)
+    cfg = DataConfig(train=str(tmp / "train.jsonl"), format="instruction", max_length=max_length, packing=True,
+                     cache_dir=str(tmp / "cache"))
+    built = data.build_datasets(cfg, tok)
+    return built.train, data.pad_token_id(tok), tok
+
+
+def _autocast(bf16: bool):
+    import contextlib
+    import torch
+    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def cs_measure_bf16(model_name: str, train, pad, micro_batch: int) -> dict:
+    """Seconds for one fwd+bwd of the first training batch in fp32 and under bf16 autocast (after
+    one warm-up each), on the frozen model with every parameter trainable (the worst case)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from propulsion_ds import data
+    model = AutoModelForCausalLM.from_pretrained(str(common.model_path(model_name)), dtype=torch.float32)
+    model.config.use_cache = False
+    batch = data.get_batch(train, list(range(min(micro_batch, len(train)))), pad)
+    out = {}
+    for name, bf16 in (("fp32", False), ("bf16", True)):
+        times = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            with _autocast(bf16):
+                loss = model(**batch).loss
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - t0)
+        out[name + "_s"] = times[-1]
+    out["speedup"] = out["fp32_s"] / out["bf16_s"]
+    return out
+
+
+def cs_run(method: str, lr: float, seed: int, *, model_name: str, train, pad, tok, questions, steps: int,
+           micro_batch: int, warmup: int, bf16: bool, answer_format: str) -> dict:
+    """Train ``method`` for ``steps`` AdamW updates (warm-up + cosine), then score ``questions``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from propulsion_ds import data
+    from propulsion_ds.eval import choice
+    from propulsion_ds.train.schedule import lr_lambda
+
+    t_start = time.perf_counter()
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(str(common.model_path(model_name)), dtype=torch.float32)
+    model.config.use_cache = False
+    model = apply_method(model, method)
+    params = [p for p in model.parameters() if p.requires_grad]
+    trainable = sum(p.numel() for p in params)
+    losses = []
+    t0 = time.perf_counter()
+    if params and steps and method != "base":
+        model.train()
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda("cosine", warmup, steps))
+        per_epoch = data.batches_per_epoch(len(train), micro_batch, 1)
+        step = 0
+        while step < steps:
+            for idx in data.epoch_batches(train, micro_batch, 0, 1, seed, step // per_epoch):
+                with _autocast(bf16):
+                    loss = model(**data.get_batch(train, idx, pad)).loss
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+                step += 1
+                if not math.isfinite(losses[-1]) or step >= steps:
+                    break
+            if not math.isfinite(losses[-1]):
+                break
+    train_s = time.perf_counter() - t0
+    model.eval()
+    t1 = time.perf_counter()
+    if losses and not math.isfinite(losses[-1]):
+        acc, per = float("nan"), {}
+    else:
+        with torch.no_grad(), _autocast(bf16):
+            res = choice.score_questions(model, tok, questions, answer_format=answer_format)
+        acc, per = res.accuracy, dict(res.per_source)
+    eval_s = time.perf_counter() - t1
+    n_by = {}
+    for q in questions:
+        n_by[q.source] = n_by.get(q.source, 0) + 1
+    per = {k: float(getattr(v, "accuracy", v)) for k, v in per.items()}
+    return dict(method=method, lr=lr, seed=seed, trainable=trainable, accuracy=per,
+                mean_accuracy=statistics.fmean(per.values()) if per else float("nan"),
+                pooled_accuracy=float(acc), questions=n_by, train_loss_first=losses[0] if losses else None,
+                train_loss_last=statistics.fmean(losses[-5:]) if losses else None, steps=len(losses),
+                train_s=train_s, eval_s=eval_s, wall_s=time.perf_counter() - t_start,
+                load_avg=common._loads())
+
+
+def _file_order(stems) -> list:
+    """File stems in the order of CS_FILES (boolq_dev before arc_easy_dev ...), others after."""
+    def key(f):
+        hits = [i for i, n in enumerate(CS_FILES) if f == n or f.startswith(n + "_")]
+        return (hits[0] if hits else len(CS_FILES), f)
+    return sorted(set(stems), key=key)
+
+
+def _cs_key(r) -> float:
+    x = r["mean_accuracy"]
+    return x if math.isfinite(x) else -1.0
+
+
+def cs_summarize(methods: list, runs: dict, picked_lr: dict, grids: dict) -> dict:
+    out = {}
+    for m in methods:
+        rs = sorted([r for r in runs[m] if r["lr"] == picked_lr[m]], key=lambda r: r["seed"])
+        files = _file_order(f for r in rs for f in r["accuracy"])
+        acc = {f: statistics.fmean([r["accuracy"][f] for r in rs if f in r["accuracy"]]) for f in files}
+        means = [r["mean_accuracy"] for r in rs]
+        mean, std = _mean_std(means)
+        g = sorted(grids.get(m, []))
+        out[m] = dict(label=METHODS[m][0], trainable=rs[0]["trainable"], lr=picked_lr[m], accuracy=acc,
+                      mean_accuracy=mean, std=std, seeds=[r["seed"] for r in rs], per_seed_mean=means,
+                      pooled_accuracy=_mean_std([r["pooled_accuracy"] for r in rs])[0],
+                      lr_on_grid_edge=len(g) > 1 and picked_lr[m] in (g[0], g[-1]),
+                      sweep_seed0={f"{r['lr']:g}": r["mean_accuracy"] for r in sorted(runs[m], key=lambda r: r["lr"])
+                                   if r["seed"] == 0} if len(g) > 1 else {},
+                      train_s=_mean_std([r["train_s"] for r in rs])[0], eval_s=_mean_std([r["eval_s"] for r in rs])[0],
+                      train_loss_last=rs[0]["train_loss_last"], load_avg=[r["load_avg"] for r in rs])
+    return out
+
+
+def cs_table(result) -> str:
+    files = _file_order(f for r in result["methods"].values() for f in r["accuracy"])
+    rows = []
+    for name, r in result["methods"].items():
+        lr = "–" if name == "base" else f"{r['lr']:g}" + (" (edge)" if r.get("lr_on_grid_edge") else "")
+        cells = [f"{100 * r['accuracy'][f]:.1f}" if f in r["accuracy"] else "–" for f in files]
+        pm = f"{100 * r['mean_accuracy']:.1f}" + (f" ± {100 * r['std']:.1f}" if len(r["seeds"]) > 1 else "")
+        rows.append([r["label"], common.fmt_int(r["trainable"]), lr, *cells, pm, len(r["seeds"]),
+                     f"{r['train_s'] / 60:.1f} / {r['eval_s'] / 60:.1f}"])
+    return common.markdown_table(["method", "trainable", "LR", *files, "mean (± std over seeds)", "seeds",
+                                  "train / eval min"], rows)
+
+
+def cs_plot(result, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ms = result["methods"]
+    files = _file_order(f for r in ms.values() for f in r["accuracy"]) + ["mean"]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    w = 0.8 / max(1, len(ms))
+    for i, (name, r) in enumerate(ms.items()):
+        ys = [100 * r["accuracy"].get(f, float("nan")) for f in files[:-1]] + [100 * r["mean_accuracy"]]
+        err = [0.0] * (len(files) - 1) + [100 * r["std"]]
+        ax.bar([j + i * w for j in range(len(files))], ys, w, yerr=err, capsize=2,
+               label=f"{r['label']} ({common.fmt_int(r['trainable'])})")
+    ax.set_xticks([j + w * (len(ms) - 1) / 2 for j in range(len(files))], files)
+    ax.set_ylabel("dev accuracy (%)")
+    s = result["settings"]
+    ax.set_title(f"{s['model']} on the commonsense mix: {s['steps']} steps x {s['micro_batch']} x "
+                 f"{s['max_length']} tokens, answer format '{s['answer_format']}'", fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def commonsense_main(args, fixed: dict) -> int:
+    import torch
+    common.quiet()
+    quick = args.quick
+    model_name = "stories260K" if quick else "smollm2"
+    methods = [m for m in (args.methods or CS_METHODS)]
+    bad = [m for m in methods if m not in CS_METHODS]
+    if bad:
+        _die(f"--methods: {', '.join(bad)} not in the commonsense task ({', '.join(CS_METHODS)})")
+    fmt = args.answer_format or CS_DEFAULT_FORMAT
+    data_dir = cs_data_dir(args.data_dir, quick)
+    eval_files = args.eval_files or [str(data_dir / f"{n}_dev.jsonl") for n in CS_FILES]
+    for f in eval_files:
+        if not Path(f).is_file():
+            _die(f"--eval-files: {f}: no such file")
+    if quick:
+        steps, micro, max_length, n_rows, limit, warmup = 2, 2, 512, 16, args.eval_questions or 3, 1
+    else:
+        steps, micro, max_length, n_rows, limit, warmup = (args.steps, args.micro_batch, args.max_length,
+                                                           args.train_rows, args.eval_questions, args.warmup)
+    seeds = args.seeds if args.seeds is not None else (3 if args.sweep and not quick else 1)
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+
+    t_start = time.time()
+    mix = cs_train_mix(data_dir, n_rows)
+    train, pad, tok = cs_train_data(mix, fmt, max_length, model_name)
+    questions = cs_questions(eval_files, fmt, limit)
+    print(f"commonsense: {model_name}, {len(mix)} training rows -> {len(train)} packed rows of <= {max_length} "
+          f"tokens; {len(questions)} eval questions from {len(eval_files)} file(s); answer format {fmt!r}; "
+          f"{torch.get_num_threads()} threads; load {common._loads()}", flush=True)
+    if args.bf16 == "auto" and not quick:
+        meas = cs_measure_bf16(model_name, train, pad, micro)
+        bf16 = meas["speedup"] > 1.2
+        print(f"bf16 autocast check (fwd+bwd of one {micro} x {max_length} batch, all parameters trainable): "
+              f"fp32 {meas['fp32_s']:.2f} s, bf16 {meas['bf16_s']:.2f} s ({meas['speedup']:.2f}x) -> "
+              f"{'bf16' if bf16 else 'fp32'}", flush=True)
+    else:
+        meas, bf16 = None, args.bf16 == "on"
+
+    kw = dict(model_name=model_name, train=train, pad=pad, tok=tok, questions=questions, steps=steps,
+              micro_batch=micro, warmup=warmup, bf16=bf16, answer_format=fmt)
+    runs = {m: [] for m in methods}
+
+    def do(m, lr, seed):
+        r = cs_run(m, lr, seed, **kw)
+        runs[m].append(r)
+        per = ", ".join(f"{k} {100 * v:.1f}" for k, v in r["accuracy"].items())
+        print(f"  {m:9s} lr={lr:g} seed={seed} mean={100 * r['mean_accuracy']:.2f}% ({per}); "
+              f"train {r['train_s']:.0f} s, eval {r['eval_s']:.0f} s, loss {r['train_loss_last']}, "
+              f"load {r['load_avg']}", flush=True)
+        if args.json:        # partial results survive an interrupted run
+            common.write_json(Path(args.json).with_suffix(".partial.json"), {"runs": runs})
+
+    grids = {}
+    for m in methods:
+        if m == "base":
+            grids[m] = []
+        elif m in fixed:
+            grids[m] = [fixed[m]]
+        elif args.sweep and not quick:
+            grids[m] = list(CS_GRIDS[m])
+        else:
+            grids[m] = [CHOSEN_LRS[m]]
+    # 1) base once; each method's grid on seed 0 (one point without --sweep).
+    for m in methods:
+        for lr in (grids[m] or [0.0]):
+            do(m, lr, 0)
+            if m == "base":
+                break
+    picked = {m: (max(runs[m], key=_cs_key)["lr"] if grids[m] else 0.0) for m in methods}
+    # 2) the picked LR on the other seeds (base is deterministic: one evaluation).
+    for s in range(1, seeds):
+        for m in methods:
+            if grids[m]:
+                do(m, picked[m], s)
+
+    result = dict(methods=cs_summarize(methods, runs, picked, grids),
+                  settings=dict(task="commonsense", model="SmolLM2-135M-Instruct" if not quick else "stories260K",
+                                data_dir=str(data_dir), eval_files=[str(f) for f in eval_files],
+                                eval_questions_per_file=limit, train_rows=len(mix), packed_rows=len(train),
+                                steps=steps, micro_batch=micro, max_length=max_length, warmup=warmup,
+                                schedule="cosine", optimizer="AdamW(wd=0), clip 1.0", seeds=seeds,
+                                sweep=bool(args.sweep), answer_format=fmt, template="Alpaca", bf16=bf16,
+                                bf16_check=meas, quick=quick,
+                                mean_accuracy="unweighted mean over eval files of each file's accuracy "
+                                              "(pooled_accuracy: over all questions)"),
+                  machine=common.machine("cpu", 1, "none") | {"threads": torch.get_num_threads()},
+                  wall_s=time.time() - t_start, command="python " + " ".join(sys.argv))
+    out = Path(args.json) if args.json else Path(args.out_dir) / f"commonsense_{fmt}{'_quick' if quick else ''}.json"
+    common.write_json(out, result)
+    partial = out.with_suffix(".partial.json")
+    if partial.exists():
+        partial.unlink()
+    cs_plot(result, out.with_suffix(".png"))
+    m = result["machine"]
+    print(f"\n### {result['settings']['model']}, commonsense mix: {steps} steps x {micro} x {max_length} tokens, "
+          f"{seeds} seed(s), format {fmt!r}; {m['date']}, {common.load_note(m['load_avg_1m'], m['cpu_cores'])}, "
+          f"{result['wall_s'] / 60:.1f} min\n")
+    print(cs_table(result))
+    print(f"\nwrote {out}")
+    return 0
 
 
 if __name__ == "__main__":

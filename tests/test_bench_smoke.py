@@ -66,6 +66,53 @@ def test_quality_quick_writes_table_json_and_chart(tmp_path):
     assert m["prop_k1"]["eval_loss_mean"] == pytest.approx(m["ia3"]["eval_loss_mean"], rel=1e-4)
 
 
+CS_SAMPLE = ROOT / "assets" / "data" / "commonsense_sample"
+
+
+def test_quality_commonsense_quick_json_contract(tmp_path):
+    """--task commonsense --quick (stories260K, 2 steps, 3 questions a file): every method in the
+    JSON with its trainable count, LR, per-file accuracy in [0, 1] and their mean; table and plot."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    methods = ["base", "prop_k15", "prop_all", "ia3", "lora", "full"]
+    out = tmp_path / "cs.json"
+    text = _run(["bench/quality.py", "--task", "commonsense", "--quick", "--data-dir", str(CS_SAMPLE),
+                 "--json", str(out), "--methods", *methods], tmp_path, timeout=600)
+    assert "| method | trainable | LR |" in text
+    assert out.with_suffix(".png").stat().st_size > 0
+    result = json.loads(out.read_text())
+    m = result["methods"]
+    assert list(m) == methods
+    stems = {f"{n}_dev" for n in ("boolq", "arc_easy", "arc_challenge", "openbookqa")}
+    for name, r in m.items():
+        assert isinstance(r["trainable"], int) and isinstance(r["lr"], float)
+        assert set(r["accuracy"]) == stems
+        assert all(0.0 <= a <= 1.0 for a in r["accuracy"].values())
+        assert r["mean_accuracy"] == pytest.approx(sum(r["accuracy"].values()) / len(stems))
+        assert r["std"] == 0.0                                  # one seed
+    # trainable counts from the model itself: the scale methods train one value per output channel
+    # of every decoder linear (the "All" variant adds the embedding's and lm_head's channels).
+    model = AutoModelForCausalLM.from_pretrained(str(ROOT / "assets" / "stories260K"), dtype=torch.float32)
+    linears = [mod for n, mod in model.named_modules() if isinstance(mod, torch.nn.Linear) and ".layers." in n]
+    channels = sum(mod.out_features for mod in linears)
+    cfg = model.config
+    assert m["base"]["trainable"] == 0 and m["base"]["lr"] == 0.0
+    assert m["prop_k15"]["trainable"] == m["ia3"]["trainable"] == channels
+    assert m["prop_all"]["trainable"] == channels + cfg.hidden_size + cfg.vocab_size
+    assert m["lora"]["trainable"] == sum(8 * (mod.in_features + mod.out_features) for mod in linears)
+    assert m["full"]["trainable"] == sum(p.numel() for p in model.parameters())
+    assert m["prop_k15"]["lr"] > 0 and m["ia3"]["lr"] > m["prop_k15"]["lr"]   # IA3 needs ~k x the LR
+
+
+def test_quality_commonsense_bad_eval_file_is_one_line(tmp_path):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "bench/quality.py", "--task", "commonsense", "--quick",
+                           "--data-dir", str(CS_SAMPLE), "--eval-files", str(tmp_path / "nope.jsonl")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"quality.py: --eval-files: {tmp_path / 'nope.jsonl'}: no such file"]
+
+
 def test_speed_summary_and_table_from_a_fixed_result():
     def row(t, trainable, opt):
         times = [t] * 4
