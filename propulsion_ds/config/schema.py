@@ -102,9 +102,15 @@ class EvalConfig:
     generate: bool = option(False, help="greedy generation on eval rows, scored by `metric`")
     generate_samples: int = option(16, ge=1, help="eval rows generated for")
     max_new_tokens: int = option(128, ge=1, help="tokens generated per row")
-    metric: str = option("marker", choices=("marker", "exact", "none"),
+    metric: str = option("marker", choices=("marker", "exact", "none", "choice"),
                          help="`marker`: compare the text after `answer_marker`; `exact`: the whole "
-                         "answer; `none`: no score")
+                         "answer; `none`: no score; `choice`: multiple-choice accuracy of the eval rows "
+                         "that carry an `answer` (candidates scored by log-likelihood, no generation; "
+                         "docs/EVAL.md)")
+    answer_format: str = option("label", choices=("label", "text"),
+                                help="`metric: choice`: `label` scores the row's output with each "
+                                "candidate label (summed log-likelihood); `text` scores \"the correct "
+                                "answer is <option text>\" (mean per token)")
     answer_marker: str = option("####", help="`metric: marker` compares the text after it")
 
 

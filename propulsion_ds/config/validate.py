@@ -61,6 +61,14 @@ def check_contradictions(cfg: RunConfig) -> None:
             fail(f"data.{name}: must be set (a file, glob or directory, or a list of them)"
                  if name == "train" else "data.eval: must not be empty (use null for no eval set)")
         check_data_entries(spec, f"data.{name}")
+    if cfg.eval.metric == "choice":
+        if cfg.data.format != "instruction":
+            fail(f"eval.metric: \"choice\" needs data.format \"instruction\", got {show(cfg.data.format)}")
+        if cfg.data.eval is None:
+            fail("eval.metric: \"choice\" scores the data.eval files; set data.eval")
+        if cfg.eval.generate:
+            fail("eval.generate: must be false with eval.metric \"choice\" (candidates are scored, "
+                 "not generated)")
     if cfg.data.eval is not None and cfg.data.eval_fraction > 0:
         fail(f"data: set eval or eval_fraction, not both "
              f"(data.eval_fraction={cfg.data.eval_fraction})")

@@ -23,6 +23,8 @@ from propulsion_ds.errors import Preempted
 from propulsion_ds.method.propulsion import channel_scales, inject, trainable_parameters
 from propulsion_ds.model import (check_attn_implementation, load_base_model, load_tokenizer, resolve_model_path,
                                  vocab_size)
+from propulsion_ds.eval.choice import score_questions
+from propulsion_ds.eval.choice_eval import choice_values, load_eval_questions
 from propulsion_ds.train import gen_eval
 from propulsion_ds.train.checkpointer import Checkpointer, fingerprint, full_delta
 from propulsion_ds.train.ds_engine import DSEngine, log_partitioning, model_width, numel
@@ -31,7 +33,7 @@ from propulsion_ds.train.metrics import estimate_mfu, gpu_peak_flops, peak_memor
 from propulsion_ds.train.nonfinite import NonFiniteGuard
 from propulsion_ds.train.progress import TrainingProgress
 from propulsion_ds.train.run_data import eval_batches, load_run_data, micro_batches
-from propulsion_ds.train.signals import StopRequest
+from propulsion_ds.train.signals import StopDuringEval, StopRequest
 from propulsion_ds.train.sink import MetricsSink
 from propulsion_ds.train.stats import WindowSums, reduce_step, window_targets
 
@@ -65,6 +67,9 @@ class Trainer:
             cfg.tokenizer.name_or_path, rank=self.rank, barrier=hub_wait, field="tokenizer.name_or_path"))
         self.tokenizer = load_tokenizer(tok_path, cfg.model.trust_remote_code)
         self.data = load_run_data(cfg, self.tokenizer, self.rank, self.world)
+        # eval.metric "choice": the raw eval rows as questions, each file reported by its stem
+        self.choice_questions = (load_eval_questions(cfg.data, cfg.eval.answer_format)
+                                 if cfg.eval.metric == "choice" else None)
         self.max_steps = self.data.max_steps
         self.ds_config = resolve_deepspeed(cfg, self.world, model_width(model_path, cfg.model),
                                            total_steps=self.max_steps)
@@ -203,6 +208,17 @@ class Trainer:
             record.update(gen_eval.log_generation(self.sink.writer, result, step, run=self.sink.rank0))
             log.info("step %d eval accuracy %s (%d of %d)", step, result["accuracy"],
                      result["correct"], result["n"])
+        if self.choice_questions is not None:
+            # collective: every rank makes the same forwards; a stop request is agreed per batch
+            result = score_questions(self.engine.module, self.tokenizer, self.choice_questions,
+                                     answer_format=ev.answer_format, device=self.engine.device, rank=self.rank,
+                                     world_size=self.world, should_stop=lambda: self.stop.signum > 0)
+            if not result.complete:
+                raise StopDuringEval(self.stop.name())
+            record.update(choice_values(result))
+            self.sink.scalars(choice_values(result), step)
+            log.info("step %d eval choice accuracy %.4f (%d of %d)", step, result.accuracy, result.correct,
+                     result.total)
         self.sink.record(record)
         self.sink.scalars({"eval/loss": loss, "eval/perplexity": record["eval_ppl"]}, step)
         log.info("step %d eval loss %.4f ppl %.2f", step, loss, record["eval_ppl"])
