@@ -115,3 +115,28 @@ def test_zero2_and_offload_deepspeed_json(tmp_path):
                 assert z["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
     finally:
         os.chdir(cwd)
+
+
+@pytest.mark.parametrize("size", list(RUNS))
+def test_set_max_steps_replaces_the_shipped_epochs(size, caplog):
+    """The cluster configs train by epochs; ``--set train.max_steps=N`` wins, with a log line."""
+    path = ROOT / f"configs/llama{size}.json"
+    assert json.loads(path.read_text())["train"]["epochs"] is not None
+    with caplog.at_level("INFO", logger="propulsion_ds.config.load"):
+        run = load_config(path, ["train.max_steps=7"], check_files=False)
+    assert (run.train.max_steps, run.train.epochs) == (7, None)
+    assert any("train.max_steps=7 (--set) replaces the config file's train.epochs=" in r.getMessage()
+               for r in caplog.records), caplog.text
+
+
+def test_both_in_one_place_stay_a_contradiction(tmp_path):
+    from propulsion_ds.config import ConfigError
+
+    raw = json.loads((ROOT / "configs/llama7b.json").read_text())
+    raw["train"]["max_steps"] = 10
+    both = tmp_path / "both.json"
+    both.write_text(json.dumps(raw))
+    with pytest.raises(ConfigError, match="set max_steps or epochs, not both"):
+        load_config(both, check_files=False)
+    with pytest.raises(ConfigError, match="set max_steps or epochs, not both"):
+        load_config(ROOT / "configs/llama7b.json", ["train.max_steps=5", "train.epochs=2"], check_files=False)

@@ -377,7 +377,7 @@ def test_preemption_and_dead_ranks_two_ranks(data, ref2, tmp_path):
     timings["A sigterm->exit"] = time.monotonic() - t
     errors = [e for e in error_lines(job.text()) if "SIGTERM received" in e]
     m = re.search(r"error: SIGTERM received: checkpoint step_(\d+) written", errors[0] if errors else "")
-    assert m and len(errors) == 2 and len(set(errors)) == 1, job.tail()    # both workers, exit 75
+    assert m and len(errors) == 1, job.tail()    # both workers exit 75; the same line is printed once
     assert rc != [0]               # torchrun itself ends with its own SignalException, status 1
     latest = check_checkpoints(out, world=2)
     assert latest == int(m.group(1))

@@ -124,5 +124,5 @@ def test_rank_with_bad_data_aborts_the_job_with_its_code(tmp_path):
     r = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=400)
     seconds = time.monotonic() - t0
     assert r.returncode == 2, _log(r)
-    assert f"error: {bad}: not UTF-8 text" in r.stderr, _log(r)
+    assert f"error: rank 1: {bad}: not UTF-8 text" in r.stderr, _log(r)     # rank 0 waits in a collective: rank 1 speaks
     print(f"bad data on rank 1: mpirun exit {r.returncode} after {seconds:.0f} s")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
 import os
 import typing
 from typing import Any, Iterable
@@ -94,10 +95,28 @@ def apply_overrides(raw: dict, overrides: Iterable[str] = ()) -> dict:
         fail(f"config: expected an object, {got(raw)}")
     if isinstance(overrides, (str, bytes)):
         overrides = [overrides]
-    raw = copy.deepcopy(raw)
+    before, raw = raw, copy.deepcopy(raw)
+    overrides = list(overrides)
     for item in overrides:
         _apply_one(raw, item)
+    _max_steps_replaces_epochs(before, raw, overrides)
     return raw
+
+
+def _max_steps_replaces_epochs(before: dict, after: dict, overrides: list) -> None:
+    """``--set train.max_steps=N`` on a config file that sets ``train.epochs`` (the shipped
+    cluster configs do): the override wins and ``epochs`` is dropped, with a log line. Both set in
+    the file, or both by overrides, stay a contradiction (check_contradictions refuses them)."""
+    old, new = before.get("train"), after.get("train")
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return
+    keys = {str(item).partition("=")[0].strip() for item in overrides}
+    if ("train.max_steps" in keys and "train.epochs" not in keys and new.get("max_steps") is not None
+            and old.get("max_steps") is None and new.get("epochs") is not None):
+        logging.getLogger(__name__).info(
+            "train.max_steps=%s (--set) replaces the config file's train.epochs=%s",
+            show(new["max_steps"]), show(new["epochs"]))
+        new["epochs"] = None
 
 
 def _from_dict(raw: Any, overrides: Iterable[str], files: bool) -> RunConfig:
