@@ -16,12 +16,18 @@ Environment (read once, at start; none set: launch/train.py unchanged):
   process, or fill the disk, inside phase P: written (every rank's files agreed), meta
   (meta.json written), renamed (step_N in place), latest (`latest` rewritten), trash (an old
   checkpoint renamed out of sight, not yet deleted).
+- FAULT_NODE_LOCAL=DIR: each rank's output_dir is DIR/node<RANK>, as if every rank wrote to a disk
+  of its own under the same path (node-local disks).
+- FAULT_SIGNAL_IN_EVAL=N: at this process's N-th eval forward (counted from 1 over the run's
+  eval-loss micro-batches), the process sends itself SIGUSR1 (on rank FAULT_SIGNAL_RANK only, when
+  set), after logging "test hook FAULT_SIGNAL_IN_EVAL: eval forward N".
 """
 from __future__ import annotations
 
 import functools
 import logging
 import os
+import signal
 import sys
 import time
 
@@ -31,6 +37,8 @@ log = logging.getLogger("fault_entry")
 
 NAN_LOSS, NAN_GRAD, NAN_RANK = "FAULT_NAN_LOSS", "FAULT_NAN_GRAD", "FAULT_NAN_RANK"
 SLOW_CHECKPOINT = "FAULT_SLOW_CHECKPOINT"
+NODE_LOCAL = "FAULT_NODE_LOCAL"
+SIGNAL_IN_EVAL, SIGNAL_RANK = "FAULT_SIGNAL_IN_EVAL", "FAULT_SIGNAL_RANK"
 # Phase name -> the checkpoint function whose return ends it (see checkpoint.save).
 PHASES = {"written": "_write_parts", "meta": "_seal", "renamed": "_rename",
           "latest": "_point_latest", "trash": "_trash"}
@@ -109,9 +117,36 @@ def patch_checkpoint(env=os.environ) -> None:
         setattr(checkpoint, name, slowed(phase, getattr(checkpoint, name)))
 
 
+def patch_output_dir(env=os.environ) -> None:
+    if env.get(NODE_LOCAL):
+        sys.argv += ["--set", f"output_dir={env[NODE_LOCAL]}/node{env.get('RANK', '0')}"]
+
+
+def patch_eval(env=os.environ) -> None:
+    if not env.get(SIGNAL_IN_EVAL):
+        return
+    at, only_rank = int(env[SIGNAL_IN_EVAL]), env.get(SIGNAL_RANK)
+    from propulsion_ds import distributed as dist
+    from propulsion_ds.train import recipe
+
+    real, done = recipe.forward_loss_sum, [0]
+
+    @functools.wraps(real)
+    def forward_loss_sum(engine, batch):
+        if not engine.module.training:           # Trainer.evaluate; training runs in train mode
+            done[0] += 1
+            if done[0] == at and (only_rank is None or int(only_rank) == dist.rank()):
+                log.warning("test hook %s: eval forward %d", SIGNAL_IN_EVAL, at)
+                os.kill(os.getpid(), signal.SIGUSR1)
+        return real(engine, batch)
+    recipe.forward_loss_sum = forward_loss_sum
+
+
 def main() -> int:
+    patch_output_dir()
     patch_loss()
     patch_checkpoint()
+    patch_eval()
     from launch.train import main as train_main
 
     return train_main()

@@ -24,6 +24,7 @@ class FakeEngine:
     def save_checkpoint(self, save_dir, tag, client_state, save_latest, exclude_frozen_parameters):
         d = ck.Path(save_dir) / tag
         d.mkdir(parents=True, exist_ok=True)
+        (ck.Path(save_dir) / "zero_to_fp32.py").write_text("# DeepSpeed's recovery script\n")
         torch.save({"client": client_state}, d / "zero_pp_rank_0_mp_rank_00_model_states.pt")
 
     def load_checkpoint(self, load_dir, tag, **kw):
@@ -65,6 +66,19 @@ def test_a_failed_phase_keeps_the_previous_checkpoint(tmp_path, monkeypatch, pha
     assert "the disk is full" in msg and f"the previous checkpoint {root / 'step_2'} is intact" in msg
     assert ck.complete_steps(root) == [2] and ck.latest_step(root) == 2
     assert not (root / ".partial" / "step_4").exists() and not (root / "step_4").exists()
+
+
+def test_a_checkpoint_lacking_a_ranks_files_is_not_sealed(tmp_path):
+    """With output_dir on node-local disks rank 1's files land elsewhere: rank 0 refuses to seal."""
+    s = ck._Save(tmp_path / "checkpoints", 2)
+    s.work.mkdir(parents=True)
+    for name in ("rng_rank0.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt", "rng_rank1.pt"):
+        (s.work / name).write_bytes(b"x")
+    with pytest.raises(CheckpointError, match=r"^checkpoint step_2 lacks the files of rank\(s\) \[1\] \(rank 1: "
+                                              r"zero_pp_rank_1_mp_rank_00_optim_states.pt\): every rank must write"):
+        ck._check_every_rank_wrote(s, 2)
+    (s.work / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"x")
+    ck._check_every_rank_wrote(s, 2)
 
 
 def test_load_restores_rng_and_refuses_a_missing_rng_file(tmp_path):

@@ -23,12 +23,13 @@ import torch
 
 from propulsion_ds import distributed as dist
 from propulsion_ds.collective import agree_as_is, rank0_write
-from propulsion_ds.config.load import expand_data_paths
+from propulsion_ds.config.paths import expand_data_paths
 from propulsion_ds.errors import CheckpointError, OutputDirError
 from propulsion_ds.fsutil import move_aside, write_text_atomic
-from propulsion_ds.method.adapter import gathered, save_adapter, trained_biases
+from propulsion_ds.method.gather import gathered, trained_biases
+from propulsion_ds.method.adapter import save_adapter
 from propulsion_ds.method.propulsion import DELTA_NAME
-from propulsion_ds.train import checkpoint
+from propulsion_ds.train import checkpoint, outdir_lock
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +47,52 @@ class Checkpointer:
         self.root = self.out / "checkpoints"
         self.every, self.keep_last = cfg.checkpoint.every_steps, cfg.checkpoint.keep_last
         self.resume_step: int | None = None
+        self.lock: outdir_lock.Lock | None = None
         self.engine = self.model = self.state = None
         self.fingerprint: dict = {}
         self._before_save: Callable[[], None] = lambda: None
         self._after_adapter: Callable[[], None] = lambda: None
 
     # ------------------------------------------------------------------ start
+    def start(self) -> int | None:
+        """Collective, first thing after the process group forms: take output_dir's lock (rank 0),
+        check that every rank sees the same output_dir, and let rank 0 alone decide resume-or-fresh
+        for all: the step to resume from, or None. Each refusal is one line on every rank."""
+        rank = dist.rank()
+        error = nonce = None
+        if rank == 0:
+            try:
+                self.lock = outdir_lock.acquire(self.out)
+                nonce = self.lock.record["nonce"]
+            except OutputDirError as e:
+                error = e
+        agree_as_is(error, OutputDirError)
+        nonce = _broadcast(nonce)
+        why = None if rank == 0 else outdir_lock.check_nonce(self.out, nonce)
+        agree_as_is(None if why is None else OutputDirError(
+            f"rank {rank} does not see the lock rank 0 holds in output_dir {self.out} ({why}): output_dir "
+            f"must be one directory every rank shares (a shared file system, not node-local disks)"),
+            OutputDirError)
+        decision = None
+        if rank == 0:
+            try:
+                decision = ("ok", self.decide())
+            except OutputDirError as e:
+                decision = ("error", str(e))
+        kind, value = _broadcast(decision)
+        if kind == "error":
+            raise OutputDirError(value)
+        self.resume_step = value
+        return value
+
+    def close(self) -> None:
+        """The run is over (finished, failed or preempted): release output_dir's lock."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
     def decide(self) -> int | None:
-        """The step to resume from, or None for a fresh start; decided before anything heavy."""
+        """Rank 0: the step to resume from, or None for a fresh start; before anything heavy."""
         resume, step = self.cfg.resume, checkpoint.latest_step(self.root)
         finished = (self.out / FINISHED_MARKER).is_file()
         if resume is True and self.overwrite:
@@ -168,6 +207,15 @@ class Checkpointer:
         """The newest complete checkpoint's directory, or "none": what every stop line names."""
         last = checkpoint.latest_step(self.root)
         return str(self.root / f"step_{last}") if last is not None else "none"
+
+
+def _broadcast(obj):
+    """Collective: rank 0's ``obj`` on every rank."""
+    if dist.world_size() == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _is_run_config(path: Path) -> bool:

@@ -52,9 +52,10 @@ class Trainer:
     def setup(self) -> None:
         cfg = self.cfg
         self.stop.install()     # first: a SIGTERM during the (long) set-up must not kill us unsaved
-        resume_step = self.ckpt.decide()
         dist.init_distributed(cfg.distributed.timeout_minutes)
         self.rank, self.world = dist.rank(), dist.world_size()
+        # output_dir's lock, the same output_dir on every rank, rank 0 decides resume-or-fresh.
+        resume_step = self.ckpt.start()
         self.sink = MetricsSink(self.ckpt.out, self.rank, cfg.logging.every_steps)
         check_attn_implementation(cfg.model)      # before the long steps, on every rank alike
         torch.manual_seed(cfg.train.seed)
@@ -242,6 +243,7 @@ class Trainer:
     def cleanup(self) -> None:
         if self.sink is not None:
             self.sink.close()
+        self.ckpt.close()               # output_dir's lock, last
 
 
 def run(cfg: RunConfig, overwrite: bool = False) -> list[dict]:
