@@ -9,6 +9,11 @@ so the 2-rank runs really partition every tensor:
   cosine, give the same adapter (relative difference of z-1 below 1e-4). The same runs on
   fixed-length rows measure the float noise floor. Weighting micro-batches equally (the old
   objective) moves the variable-length runs apart by ~1e-2.
+- epochs end on an optimizer-step boundary: 94 rows (not a multiple of the global batch of 16),
+  12 updates crossing two epoch boundaries, under the same three splits, give the same adapter;
+  the dropped tail of each epoch (94 - 5 x 16 = 14 rows) is reported. When an epoch was counted
+  in micro-batches, the accumulated splits put the epoch's tail into update 6 and the adapters
+  differed by ~0.1 relative.
 - the first update's LR: Adam's first step moves every coordinate by ~lr (m/sqrt(v) = sign(g)),
   so max |z-1| after one update is lr * f(0), not lr: warm-up applies to update 0.
 """
@@ -34,6 +39,7 @@ PROBE = ROOT / "scripts" / "engine_probe.py"
 STEPS, LR, WARMUP = 6, 0.01, 2
 SPLITS = {"1x16": (16, 1, 1), "1x8x2": (8, 2, 1), "2x4x2": (4, 2, 2)}     # micro, accum, ranks
 SPLIT_TOL = 1e-4
+EPOCH_ROWS, EPOCH_STEPS = 94, 12          # 5 updates of 16 per epoch: two epoch boundaries crossed
 
 
 def zero3_partitioned(tmp_path: Path) -> Path:
@@ -44,8 +50,9 @@ def zero3_partitioned(tmp_path: Path) -> Path:
     return path
 
 
-def fixed_length_text(path: Path, n: int = 200, words: int = 40) -> Path:
-    """Documents of one length in tokens: single-token words, so every row is max_length long."""
+def fixed_length_text(path: Path, n: int = 200, words: int = 40, min_words: int | None = None) -> Path:
+    """Documents of one length in tokens: single-token words, so every row is max_length long;
+    with ``min_words``, each document has between ``min_words`` and ``words`` words."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(ROOT / "assets" / "stories260K")
@@ -54,7 +61,8 @@ def fixed_length_text(path: Path, n: int = 200, words: int = 40) -> Path:
     g = torch.Generator().manual_seed(0)
     with open(path, "w") as f:
         for _ in range(n):
-            idx = torch.randint(len(vocab), (words,), generator=g).tolist()
+            length = words if min_words is None else int(torch.randint(min_words, words + 1, (1,), generator=g))
+            idx = torch.randint(len(vocab), (length,), generator=g).tolist()
             f.write(json.dumps({"text": " ".join(vocab[i] for i in idx)}) + "\n")
     return path
 
@@ -81,9 +89,12 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("arith")
     ds = zero3_partitioned(tmp)
     fixed = fixed_length_text(tmp / "fixed.jsonl")
+    varied = fixed_length_text(tmp / "varied.jsonl", n=EPOCH_ROWS, min_words=8)     # rows of 10-42 tokens
     data = {"var": ["data.train=" + str(ROOT / "assets" / "data" / "self_instruct.jsonl"),
                     "data.format=instruction", "data.max_length=128", "data.packing=false"],
-            "fix": [f"data.train={fixed}", "data.format=text", "data.max_length=42", "data.packing=false"]}
+            "fix": [f"data.train={fixed}", "data.format=text", "data.max_length=42", "data.packing=false"],
+            "epoch": [f"data.train={varied}", "data.format=text", "data.max_length=42", "data.packing=false",
+                      f"train.max_steps={EPOCH_STEPS}"]}     # the later max_steps wins
     common = [f"deepspeed={ds}", "data.eval_fraction=0", f"train.max_steps={STEPS}", f"train.lr={LR}",
               f"train.warmup_steps={WARMUP}", "train.schedule=cosine", "train.seed=7",
               "checkpoint.every_steps=1000", "eval.every_steps=1000", "model.dtype=fp32"]
@@ -126,6 +137,27 @@ def test_the_same_samples_split_differently_give_the_same_update(runs):
     losses = {s: [r["loss"] for r in train_records(read_metrics(tmp / f"var_{s}"))] for s in SPLITS}
     for s in ("1x8x2", "2x4x2"):
         assert losses[s] == pytest.approx(losses["1x16"], rel=1e-5), (s, losses)
+
+
+def test_epochs_end_on_an_update_boundary_under_every_split(runs):
+    """The same samples form each update across epoch boundaries, whatever the split, and the
+    tail an epoch drops (fewer rows than one global batch) is said in the log."""
+    tmp, logs = runs
+    z = {s: z_minus_1(tmp / f"epoch_{s}") for s in SPLITS}
+    assert float(z["1x16"].abs().max()) > 1e-3
+    rel = {s: float((z[s] - z["1x16"]).norm() / z["1x16"].norm()) for s in ("1x8x2", "2x4x2")}
+    print("epoch runs, relative difference of z-1 against 1 rank x 16:", rel)
+    for split, r in rel.items():
+        assert r < SPLIT_TOL, f"{split}: relative difference {r:.2e} across the epoch boundaries"
+    steps = {s: [r["step"] for r in train_records(read_metrics(tmp / f"epoch_{s}"))] for s in SPLITS}
+    assert all(v == list(range(1, EPOCH_STEPS + 1)) for v in steps.values()), steps
+    for log in logs.values():
+        said = re.findall(r"data: (\d+) training rows, (\d+) updates of (\d+) samples per epoch; "
+                          r"(\d+) rows per epoch left out", log)
+        assert said, tail(log)
+        for rows, updates, batch, left in map(lambda t: tuple(map(int, t)), said):
+            assert left == rows - updates * batch and 0 <= left < batch
+        assert (EPOCH_ROWS, EPOCH_ROWS // 16, 16, EPOCH_ROWS % 16) in {tuple(map(int, t)) for t in said}
 
 
 def test_warm_up_applies_to_the_first_update(runs):

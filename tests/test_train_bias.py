@@ -4,10 +4,17 @@ Biases and z are trained for real (Adam steps, so both moved), then: save_adapte
 into a fresh base, merge_and_unload, the streaming merge (propulsion_ds.tools.merge) reloaded with plain
 transformers; each must give the trained model's logits. The same adapter without its biases is
 shown to differ, so the checks see the biases.
+
+With weight decay, the trainer's optimizer (``ds_engine.DSEngine``, real DeepSpeed, ZeRO-0 and
+ZeRO-2) decays the Propulsion vectors but never the pretrained biases: an update with zero
+gradients, where AdamW's only move is the decay, shrinks the delta by (1 - lr * wd) and leaves every
+bias bit for bit.
 """
 from __future__ import annotations
 
 import copy
+import json
+import textwrap
 
 import pytest
 import torch
@@ -15,8 +22,10 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from conftest import ARCH, base_model, loss_of, token_ids
+from helpers import run_train, tail
 from propulsion_ds import AdapterError, PropulsionConfig, inject, load_adapter, merge_and_unload, save_adapter
-from propulsion_ds.method.adapter import WEIGHTS_FILE, read_adapter_weights, trained_bias_params
+from propulsion_ds.method.adapter import WEIGHTS_FILE, read_adapter_weights
+from propulsion_ds.method.gather import trained_bias_params
 from propulsion_ds.tools.merge import merge
 
 
@@ -95,3 +104,53 @@ def test_trained_biases_round_trip_and_merge(arch_name, tmp_path):
     # the streaming merge refuses an old adapter whose train_bias biases are missing
     with pytest.raises(AdapterError, match="no trained bias"):
         merge(tmp_path / "base", stripped, tmp_path / "merged2", verify=False)
+
+
+DECAY_SCRIPT = textwrap.dedent('''
+    import json, sys, types, torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+    from propulsion_ds import distributed as dist
+    from propulsion_ds import PropulsionConfig, inject
+    from propulsion_ds.method.adapter import trained_bias_params
+    from propulsion_ds.train.ds_engine import DSEngine
+    dist.init_distributed()
+    LR, WD, out = 0.1, 0.5, {}
+    for stage in (0, 2):
+        torch.manual_seed(0)
+        cfg = Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, use_cache=False)
+        model = AutoModelForCausalLM.from_config(cfg)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n.endswith(".bias"):
+                    p.normal_(0, 0.1)
+        inject(model, PropulsionConfig(degree=15, train_bias=True))
+        with torch.no_grad():
+            model.propulsion_delta.fill_(0.1)
+        before = {n: b.detach().clone() for n, b in trained_bias_params(model)}
+        train = types.SimpleNamespace(lr=LR, weight_decay=WD, schedule="constant", warmup_steps=0)
+        ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
+              "zero_optimization": {"stage": stage}}
+        engine = DSEngine(model, ds, train, max_steps=1)
+        ids = torch.randint(0, 128, (2, 12))
+        engine.engine.backward(0.0 * engine.engine(input_ids=ids).logits.sum())   # zero gradients
+        assert engine.boundary_step(veto=False)
+        after = dict(trained_bias_params(model))
+        out[stage] = {"biases": len(before),
+                      "bias_moved": max(float((after[n] - b).abs().max()) for n, b in before.items()),
+                      "delta": model.propulsion_delta.detach().float().flatten().tolist()[:8]}
+    print("RESULT " + json.dumps(out))
+''')
+
+
+@pytest.mark.slow
+def test_pretrained_biases_are_not_decayed(tmp_path):
+    script = tmp_path / "decay.py"
+    script.write_text(DECAY_SCRIPT)
+    proc = run_train([], nproc=1, script=script)
+    assert proc.returncode == 0, tail(proc.stdout + proc.stderr)
+    result = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[7:])
+    for stage, r in result.items():
+        assert r["biases"] > 0, stage
+        assert r["bias_moved"] == 0.0, f"ZeRO-{stage}: weight decay moved a pretrained bias by {r['bias_moved']}"
+        assert r["delta"] == pytest.approx([0.1 * (1 - 0.1 * 0.5)] * 8, rel=1e-5), (stage, r["delta"])

@@ -5,6 +5,11 @@ rows, sharded so every rank gets the same number of micro-batches); resuming at 
 ``p`` of an epoch is ``epoch_batches(..., start=p)``: no data is re-read or re-tokenized. Packed
 rows are fixed at build time, so shuffling is over rows.
 
+An epoch is a whole number of global batches (micro-batch x ranks x accumulation): update ``u``
+of an epoch is permutation slice ``[u*G, (u+1)*G)`` under every split of the same global batch
+``G``, across epoch boundaries too, and the tail of fewer than ``G`` rows is left out of the epoch
+(each epoch's permutation leaves out different rows).
+
 ``get_batch`` returns exactly the model's keyword arguments:
 
 * unpacked rows: ``{input_ids, labels, attention_mask}``, right-padded to the longest row;
@@ -25,11 +30,13 @@ from .files import DataError
 from .tokens import IGNORE_INDEX
 
 
-def batches_per_epoch(n_rows: int, micro_batch_size: int, world_size: int) -> int:
-    """Micro-batches each rank runs per epoch (the uneven tail of the permutation is dropped)."""
-    if micro_batch_size < 1 or world_size < 1:
-        raise ValueError(f"micro_batch_size and world_size must be >= 1, got {micro_batch_size}, {world_size}")
-    return n_rows // (micro_batch_size * world_size)
+def batches_per_epoch(n_rows: int, micro_batch_size: int, world_size: int, accumulation: int = 1) -> int:
+    """Micro-batches each rank runs per epoch: ``accumulation`` times the whole global batches
+    (micro_batch_size x world_size x accumulation) in ``n_rows``; the tail is left out."""
+    if micro_batch_size < 1 or world_size < 1 or accumulation < 1:
+        raise ValueError(f"micro_batch_size, world_size and accumulation must be >= 1, got "
+                         f"{micro_batch_size}, {world_size}, {accumulation}")
+    return n_rows // (micro_batch_size * world_size * accumulation) * accumulation
 
 
 def epoch_permutation(n_rows: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Tensor:
@@ -42,27 +49,53 @@ def epoch_permutation(n_rows: int, seed: int, epoch: int, shuffle: bool = True) 
 
 
 def epoch_batches(n_rows: Union[int, Sequence], micro_batch_size: int, rank: int, world_size: int,
-                  seed: int, epoch: int, shuffle: bool = True, start: int = 0) -> list[list[int]]:
+                  seed: int, epoch: int, shuffle: bool = True, start: int = 0,
+                  accumulation: int = 1) -> list[list[int]]:
     """Row indices of rank ``rank``'s micro-batches for ``epoch``, from position ``start`` on.
 
     Step position ``p`` (0-based, counted in micro-batches) uses permutation slice
     ``[p*M*W, (p+1)*M*W)`` (M = micro_batch_size, W = world_size) and rank ``r`` takes the r-th
     M-sized chunk of it, so ranks are disjoint, all have ``batches_per_epoch`` batches, and
-    ``epoch_batches(..., start=p) == epoch_batches(...)[p:]``. ``n_rows`` may be a dataset.
+    ``epoch_batches(..., start=p) == epoch_batches(...)[p:]``. ``n_rows`` may be a dataset. The
+    epoch holds whole global batches of ``M*W*accumulation`` rows (see the module docstring).
     """
     n = len(n_rows) if hasattr(n_rows, "__len__") else int(n_rows)
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-    n_batches = batches_per_epoch(n, micro_batch_size, world_size)
+    n_batches = batches_per_epoch(n, micro_batch_size, world_size, accumulation)
     if n_batches == 0:
-        raise DataError(f"data set has {n} rows, fewer than micro_batch_size*world_size="
-                        f"{micro_batch_size * world_size}: no full batch")
+        raise DataError(f"data set has {n} rows, fewer than micro_batch_size*world_size*accumulation="
+                        f"{micro_batch_size * world_size * accumulation}: no full batch")
     if not 0 <= start <= n_batches:
         raise ValueError(f"start={start} is outside the epoch's {n_batches} micro-batches")
     glob_b = micro_batch_size * world_size
     perm = epoch_permutation(n, seed, epoch, shuffle)[start * glob_b: n_batches * glob_b]
     mine = perm.view(-1, world_size, micro_batch_size)[:, rank, :]
     return mine.tolist()
+
+
+def eval_batches(n_rows: Union[int, Sequence], micro_batch_size: int, rank: int, world_size: int,
+                 max_rows: int, seed: int) -> list[tuple[list[int], bool]]:
+    """Rank ``rank``'s eval micro-batches as ``(row indices, counted)``.
+
+    The rows evaluated are a seeded sample of ``min(n_rows, max_rows)`` rows, the same rows for
+    any number of ranks (not the first rows: packed rows are stored longest first), dealt to the
+    ranks in turn and cut into micro-batches of at most ``micro_batch_size``. Every rank gets the
+    same number of micro-batches, since a forward under ZeRO-3 is a collective: a rank short of
+    rows runs a repeat of one sampled row that is not ``counted``.
+    """
+    n = len(n_rows) if hasattr(n_rows, "__len__") else int(n_rows)
+    if micro_batch_size < 1 or max_rows < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"eval_batches: micro_batch_size={micro_batch_size}, max_rows={max_rows}, "
+                         f"rank={rank}, world_size={world_size}")
+    if n == 0:
+        raise DataError("the eval set has no rows")
+    take = min(n, max_rows)
+    sample = epoch_permutation(n, seed, 0)[:take].tolist()
+    mine = sample[rank::world_size]
+    per_rank = -(-(-(-take // world_size)) // micro_batch_size)       # ceil(ceil(take / W) / M)
+    batches = [(mine[i:i + micro_batch_size], True) for i in range(0, len(mine), micro_batch_size)]
+    return batches + [([sample[0]], False)] * (per_rank - len(batches))
 
 
 def collate(rows: Union[Sequence[dict], dict], pad_id: int, max_length: Optional[int] = None) -> dict[str, torch.Tensor]:

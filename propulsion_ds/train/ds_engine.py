@@ -1,16 +1,35 @@
 """The DeepSpeed engine around the frozen model: built with our optimizer and schedule so one
-veto can discard a non-finite update on every ZeRO stage, and stepped at the boundary."""
+veto can discard a non-finite update on every ZeRO stage, and stepped at the boundary.
+
+The optimizer has two parameter groups: the Propulsion vectors, decayed by train.weight_decay,
+and (with propulsion.train_bias) the pretrained biases, never decayed, since decay would pull
+them toward 0 rather than toward their pretrained values. After a resume, the current config's
+lr, weight_decay, max_grad_norm and schedule take effect from the resumed step
+(``apply_settings``): DeepSpeed restores the checkpoint's own.
+"""
 from __future__ import annotations
 
 import logging
 
 import torch
 
+from propulsion_ds.method.gather import trained_bias_params
 from propulsion_ds.method.propulsion import trainable_parameters
 from propulsion_ds.train.guards import UpdateGuard, guarded_adamw, guarded_lambda_lr
 from propulsion_ds.train.schedule import lr_lambda
 
 log = logging.getLogger(__name__)
+
+
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """The vectors with ``weight_decay``; the trained biases (train_bias) in a group without decay."""
+    bias_ids = {id(p) for _, p in trained_bias_params(model)}
+    params = trainable_parameters(model)
+    groups = [{"params": [p for p in params if id(p) not in bias_ids], "weight_decay": weight_decay}]
+    biases = [p for p in params if id(p) in bias_ids]
+    if biases:
+        groups.append({"params": biases, "weight_decay": 0.0})
+    return groups
 
 
 class DSEngine:
@@ -22,14 +41,15 @@ class DSEngine:
         params = trainable_parameters(model)
         # Ours, never DeepSpeed's (config validation refuses an optimizer section): the guard can
         # then veto a non-finite update on every ZeRO stage.
-        optimizer = guarded_adamw(params, self.guard, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+        self.optimizer = guarded_adamw(param_groups(model, train_cfg.weight_decay), self.guard, lr=train_cfg.lr,
+                                       weight_decay=train_cfg.weight_decay)
         schedule = lr_lambda(train_cfg.schedule, train_cfg.warmup_steps, max_steps)
         # ZeRO-0 with bf16/fp16 wraps the optimizer in FP16_UnfusedOptimizer, whose set-up runs
         # optimizer.step() on zero grads: Adam's step count would start one ahead. Veto it.
         self.guard.skip = True
         try:
             self.engine, *_ = deepspeed.initialize(
-                model=model, model_parameters=params, optimizer=optimizer, config=ds_config,
+                model=model, model_parameters=params, optimizer=self.optimizer, config=ds_config,
                 lr_scheduler=lambda opt: guarded_lambda_lr(opt, schedule, self.guard))
         finally:
             self.guard.skip = False
@@ -40,6 +60,32 @@ class DSEngine:
         self._own_grad_norm = self.stage == 0 and not self.fp16 and not ds_config.get("bf16", {}).get("enabled")
         self._grad_norm = None
         self.lr = float(train_cfg.lr)
+
+    def apply_settings(self, train_cfg, max_steps: int, step: int) -> list[str]:
+        """After a checkpoint is loaded at ``step``: the current lr, weight_decay, max_grad_norm and
+        schedule (over ``max_steps``) take effect from this update on, the next one's LR being
+        lr * f(step) of the new schedule. DeepSpeed restored the checkpoint's param groups (their lr
+        is the old schedule's last value, 0 at the end of a decay), the scheduler's base LR and,
+        under ZeRO-1/2 and bf16, its clipping. Returns the changed values, as "train.lr 0.001 ->
+        0.0001"."""
+        sched, groups, wrapper = self.engine.lr_scheduler, self.optimizer.param_groups, self.engine.optimizer
+        old = {"train.lr": float(sched.base_lrs[0]), "train.weight_decay": float(groups[0]["weight_decay"])}
+        new = {"train.lr": float(train_cfg.lr), "train.weight_decay": float(train_cfg.weight_decay)}
+        if hasattr(wrapper, "clip_grad"):
+            old["train.max_grad_norm"] = float(wrapper.clip_grad)
+            new["train.max_grad_norm"] = float(train_cfg.max_grad_norm)
+            wrapper.clip_grad = float(train_cfg.max_grad_norm)
+        schedule = lr_lambda(train_cfg.schedule, train_cfg.warmup_steps, max_steps)
+        sched.lr_lambdas = [schedule] * len(groups)
+        sched.base_lrs = [new["train.lr"]] * len(groups)
+        sched.last_epoch = step             # one scheduler step per applied update
+        for i, group in enumerate(groups):
+            group["initial_lr"] = new["train.lr"]
+            group["lr"] = new["train.lr"] * schedule(step)
+            group["weight_decay"] = new["train.weight_decay"] if i == 0 else 0.0
+        sched._last_lr = [group["lr"] for group in groups]
+        self.lr = float(groups[0]["lr"])
+        return [f"{k} {old[k]:g} -> {new[k]:g}" for k in new if old[k] != new[k]]
 
     def boundary_step(self, veto: bool) -> bool:
         """engine.step() at the accumulation boundary; whether the update was applied.

@@ -29,6 +29,7 @@ from typing import Optional, Sequence
 import torch
 
 from propulsion_ds.data import IGNORE_INDEX
+from propulsion_ds.train.signals import StopDuringEval
 
 METRICS = ("marker", "exact", "none")
 N_EXAMPLES = 4            # prompt / reference / generation triples kept for the logs
@@ -187,7 +188,7 @@ def generate_batch(model, prompts: list, *, max_new_tokens: int, pad_id: int, de
 
 @torch.no_grad()
 def generate_texts(model, tokenizer, prompts: list, *, max_new_tokens: int, batch_size: int = DEFAULT_BATCH_SIZE,
-                   device=None, synced_gpus: bool = False) -> list:
+                   device=None, synced_gpus: bool = False, should_stop=None) -> list:
     """Greedy continuations of ``prompts`` (lists of token ids) as text, special tokens dropped.
 
     Batches of ``batch_size`` in order, so ranks with equally long prompt lists make equally many
@@ -203,6 +204,8 @@ def generate_texts(model, tokenizer, prompts: list, *, max_new_tokens: int, batc
     texts = []
     try:
         for lo in range(0, len(prompts), batch_size):
+            if should_stop is not None and should_stop():   # collective: as many calls on every rank
+                raise StopDuringEval("stop requested during generation")
             outs = generate_batch(model, prompts[lo:lo + batch_size], max_new_tokens=max_new_tokens,
                                   pad_id=pad_id, device=device, synced_gpus=synced_gpus)
             texts.extend(tokenizer.decode(ids, skip_special_tokens=True) for ids in outs)
@@ -230,12 +233,14 @@ def _gather_examples(examples: list, world_size: int) -> list:
 
 @torch.no_grad()
 def generation_eval(model, tokenizer, samples, cfg_eval, *, rank: int = 0, world_size: int = 1,
-                    device=None, zero3: bool = False, batch_size: int = DEFAULT_BATCH_SIZE) -> dict:
+                    device=None, zero3: bool = False, batch_size: int = DEFAULT_BATCH_SIZE,
+                    should_stop=None) -> dict:
     """Greedy generation on the first ``cfg_eval.generate_samples`` rows, scored by ``cfg_eval.metric``.
 
     Collective when ``world_size > 1``: call it on every rank. ``model`` is the module with
     Propulsion's hooks (the DeepSpeed engine's ``.module``); it runs in eval mode and its previous
-    mode is restored. Returns the same dict on every rank::
+    mode is restored. ``should_stop`` (collective, e.g. ``StopRequest.agreed``) is asked before
+    each generate call; when true, StopDuringEval is raised. Returns the same dict on every rank::
 
         {"accuracy": correct / n or None, "correct": int, "n": int,
          "examples": [(prompt, reference, generation), ...]}   # the first N_EXAMPLES rows
@@ -247,7 +252,7 @@ def generation_eval(model, tokenizer, samples, cfg_eval, *, rank: int = 0, world
     plan = shard_indices(len(gen_samples), rank, world_size)
     texts = generate_texts(model, tokenizer, [gen_samples[i].prompt_ids for i, _ in plan],
                            max_new_tokens=cfg_eval.max_new_tokens, batch_size=batch_size, device=device,
-                           synced_gpus=bool(zero3 and world_size > 1))
+                           synced_gpus=bool(zero3 and world_size > 1), should_stop=should_stop)
     correct = counted = 0
     examples = []
     for (i, count), text in zip(plan, texts):

@@ -3,8 +3,8 @@
 `train()` is the whole loop: one optimizer update (forward -> backward -> step over an
 accumulation window), then log, checkpoint and eval. Each job it calls is a component of its own
 in this package: checkpointer (output_dir: resume or fresh, checkpoints, adapter), run_data (data
-and position), ds_engine (DeepSpeed and the update veto), nonfinite (NaN guard), stats (the per-step
-all-reduce), sink (metrics.jsonl, TensorBoard, tqdm), progress (resume state). docs/ARCHITECTURE.md
+and position), ds_engine (DeepSpeed and the update veto), nonfinite (NaN guard), metrics (the per-step
+all-reduce, the record, metrics.jsonl, TensorBoard, tqdm), progress (resume state). docs/ARCHITECTURE.md
 draws it.
 """
 from __future__ import annotations
@@ -29,13 +29,12 @@ from propulsion_ds.train import gen_eval
 from propulsion_ds.train.checkpointer import Checkpointer, fingerprint, full_delta
 from propulsion_ds.train.ds_engine import DSEngine, log_partitioning, model_width, numel
 from propulsion_ds.train.loss import forward_loss_sum, target_tokens
-from propulsion_ds.train.metrics import estimate_mfu, gpu_peak_flops, peak_memory_bytes, propulsion_stats
+from propulsion_ds.train.metrics import (MetricsSink, WindowSums, estimate_mfu, gpu_peak_flops, peak_memory_bytes,
+                                         propulsion_stats, reduce_step, window_targets)
 from propulsion_ds.train.nonfinite import NonFiniteGuard
 from propulsion_ds.train.progress import TrainingProgress
 from propulsion_ds.train.run_data import eval_batches, load_run_data, micro_batches
 from propulsion_ds.train.signals import StopDuringEval, StopRequest
-from propulsion_ds.train.sink import MetricsSink
-from propulsion_ds.train.stats import WindowSums, reduce_step, window_targets
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +102,7 @@ class Trainer:
     def train(self) -> list[dict]:
         cfg, p = self.cfg, self.progress
         if p.step == 0 and self.data.eval is not None:
-            self.evaluate()
+            self.evaluate_or_stop()
         self.sink.start_bar(self.max_steps, p.step)
         batches = micro_batches(self.data, cfg.train, self.rank, self.world, p, self.engine.device)
         try:
@@ -123,13 +122,13 @@ class Trainer:
                     raise Preempted(f"{self.stop.name()} received: checkpoint step_{p.step} written "
                                     f"under {self.ckpt.root}; resume with --resume")
                 if p.step % cfg.eval.every_steps == 0 and self.data.eval is not None:
-                    self.evaluate()
+                    self.evaluate_or_stop()
                 if p.step < self.max_steps:       # the last step saves after the final eval
                     self.ckpt.save(p.step)
         finally:
             self.sink.close_bar()
         if self.data.eval is not None and p.step % cfg.eval.every_steps != 0:
-            self.evaluate()
+            self.evaluate_or_stop()
         self.ckpt.save(p.step, last_step=True)
         self.sink.check(self.ckpt.last_good())       # the last TensorBoard flush, too
         self.ckpt.finish(p.step)
@@ -189,23 +188,44 @@ class Trainer:
         return record
 
     # ---------------------------------------------------------------- eval
+    def evaluate_or_stop(self) -> None:
+        """Eval; a stop request on any rank during it (agreed on between eval batches) checkpoints
+        this step and ends the run as preempted (exit 75) within one batch."""
+        try:
+            self.evaluate()
+        except StopDuringEval:
+            p = self.progress
+            if p.step == 0:
+                raise Preempted(f"{self.stop.name()} received during the eval before the first update: "
+                                f"nothing trained, no checkpoint written; start the run again") from None
+            self.ckpt.save(p.step, force=True)
+            raise Preempted(f"{self.stop.name()} received during the eval at step {p.step}: checkpoint "
+                            f"step_{p.step} written under {self.ckpt.root}; resume with --resume (that eval "
+                            f"is not repeated)") from None
+
     @torch.no_grad()
     def evaluate(self) -> dict:
         ev, step = self.cfg.eval, self.progress.step
         self.engine.eval()
         loss_sum = n_sum = 0.0
-        for batch in eval_batches(self.data, self.cfg.train.micro_batch_size, self.rank, self.world,
-                                  ev.max_batches, self.engine.device):
-            loss_sum += float(forward_loss_sum(self.engine, batch))
-            n_sum += target_tokens(batch)
-        self.engine.train()
+        try:
+            for batch, counted in eval_batches(self.data, self.cfg.train.micro_batch_size, self.rank, self.world,
+                                               ev.max_batches, self.cfg.train.seed, self.engine.device):
+                self.stop.check()                       # collective: every rank runs as many batches
+                loss = float(forward_loss_sum(self.engine, batch))
+                if counted:                             # else a repeat that keeps ZeRO-3 ranks in step
+                    loss_sum += loss
+                    n_sum += target_tokens(batch)
+        finally:
+            self.engine.train()
         loss_sum, n_sum = dist.all_reduce([loss_sum, n_sum])
         loss = loss_sum / max(n_sum, 1.0)
         record = {"step": step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
         if ev.generate and self.data.eval_samples is not None:
             result = gen_eval.generation_eval(
                 self.engine.module, self.tokenizer, self.data.eval_samples, ev, rank=self.rank,
-                world_size=self.world, device=self.engine.device, zero3=self.ds.stage == 3)
+                world_size=self.world, device=self.engine.device, zero3=self.ds.stage == 3,
+                should_stop=self.stop.agreed)
             record.update(gen_eval.log_generation(self.sink.writer, result, step, run=self.sink.rank0))
             log.info("step %d eval accuracy %s (%d of %d)", step, result["accuracy"],
                      result["correct"], result["n"])
@@ -237,6 +257,9 @@ class Trainer:
 
     def load_checkpoint(self) -> None:
         self.ckpt.load()                        # collective; calls load_state_dict
+        # What a resume may change takes effect from here: DeepSpeed restored the old values.
+        for change in self.ds.apply_settings(self.cfg.train, self.max_steps, self.progress.step):
+            log.info("step %d: %s", self.progress.step, change)
         self.sink.rewind(self.progress.step)
         dist.barrier()
 
