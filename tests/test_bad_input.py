@@ -432,10 +432,13 @@ def test_checkpoint_files_are_read_with_the_restricted_unpickler(trained, tmp_pa
     assert not (tmp_path / "pwned").exists()
 
     meta = ckpt / "step_4" / "meta.json"
-    meta.write_text(json.dumps({**json.loads(meta.read_text()), "world_size": 2}))
-    with pytest.raises(checkpoint.CheckpointError, match="written by 2 ranks, this run has 1"):
+    raw = json.loads(meta.read_text())
+    meta.write_text(json.dumps({**raw, "world_size": 2}))
+    split = {k: raw[k] for k in ("train.micro_batch_size", "train.gradient_accumulation_steps", "world_size")}
+    with pytest.raises(checkpoint.CheckpointError, match=r"global batch of \d+ samples .* x 2 ranks x .*: "
+                                                         r"world_size changed the product"):
         from propulsion_ds.train.checkpointer import check_fingerprint
-        check_fingerprint(ckpt, 4, {})
+        check_fingerprint(ckpt, 4, split)
 
 
 def _python_files():

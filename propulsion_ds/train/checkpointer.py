@@ -12,6 +12,8 @@ The on-disk format and the kill-safe save are ``checkpoint.py``'s; the trainer i
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
 import os
@@ -50,6 +52,7 @@ class Checkpointer:
         self.lock: outdir_lock.Lock | None = None
         self.engine = self.model = self.state = None
         self.fingerprint: dict = {}
+        self.changes: dict = {}         # {setting: (old, new)} a resume changes, for the engine to apply
         self._before_save: Callable[[], None] = lambda: None
         self._after_adapter: Callable[[], None] = lambda: None
 
@@ -164,6 +167,7 @@ class Checkpointer:
         """Collective: restore the engine and ``state`` from the checkpoint decided on; its step."""
         step = self.resume_step
         check_fingerprint(self.root, step, self.fingerprint)
+        self.changes = applied_changes(self.root, step, self.fingerprint)
         self.state.load_state_dict(checkpoint.load(self.engine, self.root, step))
         log.info("resumed from %s at step %d", self.root / f"step_{step}", step)
         return step
@@ -228,40 +232,121 @@ def _is_run_config(path: Path) -> bool:
 
 
 # --------------------------------------------------------------------------- fingerprint
-def fingerprint(cfg, trainable: int, n_targets: int) -> dict:
-    """What a resume must match: the data position and RNG mean nothing under other values.
-    Keys are config fields, so a refusal names the field to fix."""
+# A resume may change these on purpose: they take effect from the resumed step, logged once.
+SETTINGS = ("train.lr", "train.weight_decay", "train.max_grad_norm", "train.max_steps", "train.epochs",
+            "train.schedule", "train.warmup_steps", "eval.every_steps", "checkpoint.every_steps")
+# How one global batch is split: any split of the same global batch resumes (elastic).
+SPLIT = ("train.micro_batch_size", "train.gradient_accumulation_steps", "world_size")
+GLOBAL_BATCH = "train.global_batch"
+
+
+def fingerprint(cfg, trainable: int, n_targets: int, world: int = 1, tokenizer=None) -> dict:
+    """What a checkpoint's meta.json records of the run. Collective when ``tokenizer`` is given:
+    rank 0 hashes the data files' contents and broadcasts the digest.
+
+    Top-level keys define the trajectory (the data order, the objective, the numerics): a resume
+    under another value is refused naming the key, a config field. The split of the global batch
+    (``SPLIT``) is free as long as its product is unchanged; ``settings`` may change on resume.
+    """
     t, d = cfg.train, cfg.data
-    return {"model": cfg.model.name_or_path, "propulsion": cfg.propulsion.to_dict(),
-            "trainable": trainable, "targets": n_targets,
-            "train.micro_batch_size": t.micro_batch_size,
-            "train.gradient_accumulation_steps": t.gradient_accumulation_steps,
-            "train.seed": t.seed, "data.train": data_files(d.train), "data.format": d.format,
-            "data.max_length": d.max_length, "data.packing": d.packing, "data.template": d.template,
-            "data.text_field": d.text_field, "data.eval": None if d.eval is None else data_files(d.eval),
-            "data.eval_fraction": d.eval_fraction}
+    fp = {"model": cfg.model.name_or_path, "propulsion": cfg.propulsion.to_dict(),
+          "trainable": trainable, "targets": n_targets,
+          "model.dtype": cfg.model.dtype, "model.attn_implementation": cfg.model.attn_implementation,
+          "train.seed": t.seed, "data.train": data_files(d.train), "data.format": d.format,
+          "data.max_length": d.max_length, "data.packing": d.packing, "data.template": d.template,
+          "data.text_field": d.text_field, "data.eval": None if d.eval is None else data_files(d.eval),
+          "data.eval_fraction": d.eval_fraction,
+          GLOBAL_BATCH: t.micro_batch_size * t.gradient_accumulation_steps * world,
+          "train.micro_batch_size": t.micro_batch_size,
+          "train.gradient_accumulation_steps": t.gradient_accumulation_steps, "world_size": world,
+          "settings": {key: _field(cfg, key) for key in SETTINGS}}
+    if tokenizer is not None:
+        from propulsion_ds.data.cache import tokenizer_fingerprint
+
+        fp["tokenizer"] = _digest(tokenizer_fingerprint(tokenizer))
+        fp["data.contents"] = _broadcast(_contents(d) if dist.rank() == 0 else None)
+    return fp
 
 
 def check_fingerprint(root, step: int, fingerprint: dict) -> None:
+    """Refuse a resume that would not continue the checkpoint's trajectory, naming the field."""
     meta = checkpoint.read_meta(root, step)
     where = Path(root) / f"step_{step}"
     for key, value in fingerprint.items():
+        if key in SPLIT or key in (GLOBAL_BATCH, "settings"):
+            continue
         if key in meta and meta[key] != value:
             raise CheckpointError(
                 f"checkpoint {where} was written with {key}={_short(meta[key])}, "
                 f"this run has {key}={_short(value)}: use a new output_dir or the matching config "
                 f"(or --overwrite to start afresh)")
-    if "world_size" in meta and meta["world_size"] != dist.world_size():
+    old, new = _split(meta), _split(fingerprint)
+    if None not in old.values() and None not in new.values() and _product(old) != _product(new):
+        changed = [k for k in SPLIT if old[k] != new[k]]
         raise CheckpointError(
-            f"checkpoint {where} was written by {meta['world_size']} ranks, this run has "
-            f"{dist.world_size()}: ZeRO keeps optimizer state and the data position per rank; "
-            f"resume with {meta['world_size']} ranks")
+            f"checkpoint {where} was written with a global batch of {_product(old)} samples ({_show(old)}), "
+            f"this run has {_product(new)} ({_show(new)}): {' and '.join(changed)} changed the product; "
+            f"resume with any split whose product is {_product(old)} (or use a new output_dir, or "
+            f"--overwrite to start afresh)")
+
+
+def applied_changes(root, step: int, fingerprint: dict) -> dict:
+    """{setting: (old, new)} of the settings this resume changes (logged once, then applied)."""
+    old = checkpoint.read_meta(root, step).get("settings") or {}
+    new = fingerprint.get("settings") or {}
+    changes = {k: (old[k], new[k]) for k in SETTINGS if k in old and k in new and old[k] != new[k]}
+    for key, (a, b) in changes.items():
+        log.info("step %d: %s %s -> %s", step, key, a, b)
+    return changes
+
+
+def _split(meta: dict) -> dict:
+    return {k: meta.get(k) for k in SPLIT}
+
+
+def _product(split: dict) -> int:
+    return split["train.micro_batch_size"] * split["world_size"] * split["train.gradient_accumulation_steps"]
+
+
+def _show(split: dict) -> str:
+    return (f"train.micro_batch_size={split['train.micro_batch_size']} x {split['world_size']} ranks x "
+            f"train.gradient_accumulation_steps={split['train.gradient_accumulation_steps']}")
+
+
+def _field(cfg, key: str):
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def _digest(obj) -> str:
+    return hashlib.blake2b(json.dumps(obj, sort_keys=True, default=str).encode(), digest_size=16).hexdigest()
+
+
+def _contents(data_cfg) -> str:
+    """One digest of the contents of every data file (a file rewritten at the same size counts)."""
+    files = list(expand_data_paths(data_cfg.train)) + ([] if data_cfg.eval is None else
+                                                        list(expand_data_paths(data_cfg.eval)))
+    return _digest([_file_hash(os.path.abspath(f), *_stamp(f)) for f in files if os.path.isfile(f)])
+
+
+def _stamp(path: str) -> tuple:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=4096)
+def _file_hash(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 23), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def check_resumable(root, step: int, fingerprint: dict) -> None:
     """Collective: raise the same CheckpointError on every rank unless checkpoint ``step`` was
-    written for this model, these Propulsion settings and this world size, and every file in
-    it parses with the restricted unpickler."""
+    written for this model, these Propulsion settings and this trajectory, and every file in it
+    parses with the restricted unpickler."""
     error = None
     try:
         check_fingerprint(root, step, fingerprint)

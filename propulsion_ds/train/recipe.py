@@ -96,7 +96,10 @@ class Trainer:
             self.load_checkpoint()
 
     def _fingerprint(self) -> dict:
-        return fingerprint(self.cfg, self.trainable, len(self.targets))
+        if not self.ckpt.fingerprint:       # collective once (rank 0 hashes the data files), then kept
+            self.ckpt.fingerprint = fingerprint(self.cfg, self.trainable, len(self.targets), self.world,
+                                                self.tokenizer)
+        return self.ckpt.fingerprint
 
     # ---------------------------------------------------------------- train
     def train(self) -> list[dict]:
