@@ -44,3 +44,65 @@ def test_readme_main_job_runs_and_beats_the_frozen_base(tmp_path):
     meta = json.loads((out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
                        / "meta.json").read_text())
     assert meta["world_size"] == 2
+
+
+# ------------------------------------------------------------------ blocks marked runnable
+def marked_blocks(marker: str, lang: str) -> list[str]:
+    """The fenced ``lang`` blocks that directly follow ``<!-- marker -->`` in the README."""
+    text = (ROOT / "README.md").read_text()
+    return re.findall(rf"<!-- {re.escape(marker)} -->\n```{lang}\n(.*?)```", text, re.S)
+
+
+def test_readme_marks_runnable_blocks():
+    text = (ROOT / "README.md").read_text()
+    assert len(marked_blocks("runnable", "bash")) == text.count("<!-- runnable -->") >= 2, (
+        "every <!-- runnable --> marker must sit right above a ```bash block")
+
+
+@pytest.mark.parametrize("block", marked_blocks("runnable", "bash"), ids=lambda b: b.split()[1][:40])
+def test_readme_runnable_block(block):
+    """litgpt's test_readme idea: a shell block the README marks runnable runs as written, from the
+    repository root, and succeeds with output."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip(), f"{block}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+
+
+def test_readme_peft_snippet_runs_as_written(tmp_path, monkeypatch):
+    """The README's peft block, executed unchanged where its paths exist: assets/stories260K and
+    out/tiny/peft, exported by the README's own export command from an adapter with trained z."""
+    import shlex
+
+    import torch
+    from conftest import random_z, set_z
+    from helpers import stories260k
+
+    from propulsion_ds.method.adapter import save_adapter
+    from propulsion_ds.method.propulsion import PropulsionConfig, inject, merge_and_unload
+
+    (snippet,) = marked_blocks("peft-snippet", "python")
+    export = re.search(r"^\s*(python launch/export.py --adapter \S+ --to peft --out \S+)$",
+                       (ROOT / "README.md").read_text(), re.M).group(1)
+    model = stories260k()
+    names = inject(model, PropulsionConfig())
+    set_z(model, random_z(model, names, 1))
+    argv = shlex.split(export)
+    adapter, out = argv[argv.index("--adapter") + 1], argv[argv.index("--out") + 1]
+    save_adapter(model, str(tmp_path / adapter))
+    (tmp_path / "assets").symlink_to(ROOT / "assets")
+    proc = subprocess.run([sys.executable, str(ROOT / argv[1]), *argv[2:]], cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and (tmp_path / out).is_dir(), proc.stderr[-3000:]
+
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(snippet, "README.md (peft snippet)", "exec"), namespace)
+    theirs = namespace["merged"].state_dict()
+    ours = merge_and_unload(model).state_dict()
+    base = stories260k().state_dict()
+    assert theirs.keys() == ours.keys()
+    for key, value in ours.items():
+        assert torch.allclose(theirs[key], value, rtol=1e-6, atol=1e-7), key
+    moved = max(float((ours[k] - base[k]).abs().max()) for k in ours if k.endswith("proj.weight"))
+    assert moved > 1e-4          # the adapter changed the weights peft had to reproduce
