@@ -1,4 +1,4 @@
-"""Packed vs unpacked batches: padding share and useful target tokens per second (issue 9).
+"""Packed vs unpacked batches: padding share and useful target tokens per second (docs/DESIGN.md "Training arithmetic").
 
     python bench/packing.py [--seconds 8] [--out-dir bench/results]
 

@@ -50,7 +50,7 @@ from pathlib import Path
 import common  # a sibling: bench/ is sys.path[0] when a bench script runs as a file
 
 # name: (label, LR grid). Grids are centred on what each parameterisation needs: the scale's
-# step is ~k x lr for propulsion (k acts as a learning-rate multiplier, DESIGN §1).
+# step is ~k x lr for propulsion (k acts as a learning-rate multiplier, docs/DESIGN.md "The method").
 METHODS = {
     "base": ("frozen base (no training)", []),
     "prop_k1": ("propulsion-ds k=1", [3e-2, 1e-1, 3e-1]),

@@ -14,7 +14,7 @@ loop (``engine(**batch)``, ``engine.backward``, ``engine.step``, ``loss.item()``
               only, no DeepSpeed: the arithmetic lower bound.
 - ``floor``:  frozen base + ONE trainable scalar on the root module multiplying the input
               embeddings' output (forward hook on ``embed_tokens``), through DeepSpeed's full
-              forward/backward/step: the engine floor (DESIGN §3).
+              forward/backward/step: the engine floor (docs/DESIGN.md "ZeRO-3 rules").
 - ``propulsion``: ``propulsion_ds.inject`` (k=15, all decoder linears).
 - ``ia3``:    peft IA3 on the same 7 linears, all output-scaled (see ``common.ia3_config``).
 - ``lora``:   peft LoRA r=8 (alpha 16) on the same 7 linears.

@@ -1,4 +1,4 @@
-"""Training arithmetic that is exact (issue 9), pinned by invariants rather than "the loss fell".
+"""Training arithmetic that is exact (docs/DESIGN.md), pinned by invariants rather than "the loss fell".
 
 Two launches of ``scripts/engine_probe.py`` (one process, then 2 ranks), each training several
 runs one after another in the same processes, ZeRO-3 with ``stage3_param_persistence_threshold: 0``

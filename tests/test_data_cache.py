@@ -1,4 +1,4 @@
-"""The tokenized-data cache (issue 10): tokenized once, not once per rank.
+"""The tokenized-data cache (docs/RELIABILITY.md "The tokenized-data cache"): tokenized once, not once per rank.
 
 Two real processes (torchrun, gloo, tests/data_cache_probe.py) call ``load_or_build``: exactly one
 builds, both memory-map identical rows equal to an in-memory build, a second run reuses the cache,

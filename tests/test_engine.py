@@ -1,4 +1,4 @@
-"""Training engine (issue 3): real DeepSpeed on CPU (gloo), 2 ranks, the real stories260K model.
+"""Training engine: real DeepSpeed on CPU (gloo), 2 ranks, the real stories260K model.
 
 Runs shared by the tests (start-up costs ~15 s per launch, so runs are few and shared):
 

@@ -1,4 +1,4 @@
-"""Every rank of every launcher exits cleanly, run after run (issue 13).
+"""Every rank of every launcher exits cleanly, run after run (docs/RELIABILITY.md "Exit codes").
 
 The symptom this guards: a run that trained to the end, then one rank died at interpreter exit
 (`terminate called without an active exception`, SIGABRT, exit 134) because the process group was

@@ -4,7 +4,7 @@ Ranks learn their rank and world size from Open MPI (OMPI_COMM_WORLD_*); MASTER_
 `-x MASTER_PORT` is honoured (propulsion_ds.distributed.env_from_mpi), so this test can hold DeepSpeed's
 default port 29500 busy and still pass. Skipped when mpirun or mpi4py is not installed.
 
-A rank that fails on its own (issue 13) ends the MPI job with MPI_Abort and its own exit code, so mpirun
+A rank that fails on its own ends the MPI job with MPI_Abort and its own exit code, so mpirun
 exits with that code: one rank with a bad config (fails before any process group), one rank with a bad
 data file (fails after the group formed, while the other waits in a collective for it). The two ranks
 get different arguments through mpirun's MPMD form (`-np 1 A : -np 1 B`).

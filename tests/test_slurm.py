@@ -87,7 +87,7 @@ def test_sbatch_two_tasks_trains_to_the_end(reference):
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", _tail(log)
     text = log.read_text()
     assert "launcher srun" in text and "trainer exited with 0" in text
-    # Every task met at the final barrier and left its process group (issue 13).
+    # Every task met at the final barrier and left its process group (docs/RELIABILITY.md "Exit codes").
     assert "done: every rank reached the end of the run" in text and "terminate called" not in text
     assert (out / "FINISHED").read_text().strip() == str(STEPS)
     assert (out / "adapter" / "propulsion.safetensors").stat().st_size > 0

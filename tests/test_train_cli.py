@@ -1,4 +1,4 @@
-"""launch/train.py as a user runs it (issue 3): one-line errors, the default job, its logs, generate.
+"""launch/train.py as a user runs it (README.md "Errors"): one-line errors, the default job, its logs, generate.
 
 - Bad input: ONE line on stderr, starting with "error:" and naming the field, exit code 2,
   nothing on stdout, output_dir not created — i.e. it failed before any data or model loaded

@@ -1,7 +1,7 @@
 """Propulsion (arXiv 2409.10927): y' = y * z**k per output channel of each targeted frozen module.
 
-Layout (DESIGN §3): one flat trainable offset ``delta`` of shape ``(num_vectors, total_d_out)``
-is registered on the root model as ``propulsion_delta`` (z = 1 + delta); a forward hook on each
+Layout (docs/DESIGN.md, "How the method is built"): one flat trainable offset ``delta`` of shape
+``(num_vectors, total_d_out)`` is registered on the root model as ``propulsion_delta`` (z = 1 + delta); a forward hook on each
 targeted module slices its channels. No wrapper modules and one tensor in all, because under
 ZeRO-3 every extra module and tensor costs bookkeeping on every step. ZeRO gathers the root's
 parameters for the whole forward and backward, so every slice reads gathered data.

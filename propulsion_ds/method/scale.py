@@ -2,7 +2,7 @@
 forward (``_Propel``), and the fold of s into a weight (``fold``, used by both merges).
 
 Everything here is a function of tensors only: no model, no state, so the training hook, the
-in-memory merge, the streaming merge and the exports compute the very same values (DESIGN §1).
+in-memory merge, the streaming merge and the exports compute the very same values (docs/DESIGN.md "The method").
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def power_mean(z: torch.Tensor, degree: int) -> torch.Tensor:
 
 
 def scale_from_delta(delta: torch.Tensor, degree: int) -> torch.Tensor:
-    """Channel scale mean_i (1 + delta_i)**k from a (n, d) offset (DESIGN §1 Numerics): the one
+    """Channel scale mean_i (1 + delta_i)**k from a (n, d) offset (docs/DESIGN.md "Numerics"): the one
     formula of the training hook, the merges and the exports (fp32, or float64 for float64)."""
     return power_mean(one_plus(delta), degree)
 
@@ -48,7 +48,7 @@ class _Propel(torch.autograd.Function):
     through ``.data``, which autograd's version counter cannot see), a second backward, gradient
     accumulation and both kinds of activation checkpointing all read the current delta. One
     Python node per target (autograd's slice backward, in C++, scatters the slice's gradient into
-    the whole delta) keeps the per-target cost to a few small kernels (DESIGN §3).
+    the whole delta) keeps the per-target cost to a few small kernels (docs/DESIGN.md "ZeRO-3 rules").
 
     y in the working dtype (``promote(y.dtype, s.dtype)``, i.e. fp32 y with an fp32 scale) is
     scaled IN PLACE and only y' is saved (often shared with what the next op saves anyway:

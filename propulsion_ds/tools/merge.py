@@ -1,7 +1,7 @@
 """Offline merge: fold a Propulsion adapter into a base checkpoint, one safetensors shard at a time.
 
 For every adapter target with channel scale ``s = z**k`` (fp32; the mean of powers when the adapter
-has several vectors per module), the merged weights are (DESIGN §1):
+has several vectors per module), the merged weights are (docs/DESIGN.md "The method"):
 
     nn.Linear  weight (out, in)   W' = s[:, None] * W        bias b' = s * b
     Conv1D     weight (in, out)   W' = W * s[None, :]        bias b' = s * b   (GPT-2)

@@ -1,4 +1,4 @@
-"""The objective's pieces: per-token loss sums and target counts (DESIGN §1 "Training arithmetic")."""
+"""The objective's pieces: per-token loss sums and target counts (docs/DESIGN.md "Training arithmetic")."""
 from __future__ import annotations
 
 import torch

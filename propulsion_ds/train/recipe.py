@@ -140,7 +140,7 @@ class Trainer:
     def train_step(self, batches) -> WindowSums:
         """One applied optimizer update; this rank's sums over the window it used.
 
-        Objective (DESIGN §1 "Training arithmetic"): the sum of per-token losses over every
+        Objective (docs/DESIGN.md "Training arithmetic"): the sum of per-token losses over every
         micro-batch of the window on every rank, divided by the window's target tokens on all
         ranks. DeepSpeed divides each backward by the accumulation steps and averages gradients
         over ranks, so each micro-batch's loss sum is multiplied by world * accum / n_window:
