@@ -5,7 +5,8 @@
     mpirun -np 2 python launch/train.py --config configs/tiny.json
     python launch/train.py --config configs/tiny.json        # one process
 
-Exit codes (each error is one line on stderr, "error: ..."; see README.md "Reliability"):
+Exit codes (each error is one line on stderr, "error: ...", printed once per job, not once per
+rank; see docs/RELIABILITY.md "Exit codes"):
   0   done
   1   another rank died or stopped answering (distributed.timeout_minutes); resume with --resume
   2   bad input (config, data, tokenizer, adapter, checkpoint, output dir) or output that cannot be
