@@ -69,7 +69,8 @@ class _SliceHook:
 
     def __call__(self, module, args, output):
         import torch
-        from propulsion_ds.method.propulsion import DELTA_NAME, scale_from_delta
+        from propulsion_ds.method.propulsion import DELTA_NAME
+        from propulsion_ds.method.scale import scale_from_delta
         scale = scale_from_delta(getattr(self.root, DELTA_NAME)[:, self.lo:self.hi], self.degree)
         dtype = torch.promote_types(output.dtype, scale.dtype)
         return (output.to(dtype) * scale.to(dtype)).to(output.dtype)

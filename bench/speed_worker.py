@@ -27,7 +27,7 @@ def _setup(args):
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     else:
         device = torch.device("cpu")
-    from propulsion_ds.config.load import resolve_deepspeed
+    from propulsion_ds.config.deepspeed import resolve_deepspeed
     spec = settings(args)
     ds_config = resolve_deepspeed(common.run_config(spec["micro_batch"], spec["seq"], args.dtype,
                                                     zero_stage=args.zero[0]), world)

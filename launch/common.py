@@ -8,8 +8,7 @@ import sys
 import warnings
 
 # Exit codes live with the errors that carry them (propulsion_ds/errors.py; docs/RELIABILITY.md "Exit codes").
-from propulsion_ds.errors import (EXIT_INTERRUPTED, EXIT_OK, EXIT_PEER_LOST, EXIT_PREEMPTED,  # noqa: F401
-                                  EXIT_STOPPED, EXIT_USAGE, PropulsionError)
+from propulsion_ds.errors import EXIT_USAGE, PropulsionError
 
 
 def setup_logging() -> None:

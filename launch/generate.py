@@ -60,7 +60,8 @@ def main(argv=None) -> int:
     import torch
     from transformers import AutoModelForCausalLM, TextStreamer
 
-    from propulsion_ds.method.adapter import AdapterError, load_adapter
+    from propulsion_ds.errors import AdapterError
+    from propulsion_ds.method.adapter import load_adapter
     from propulsion_ds.model import DTYPES, load_tokenizer
 
     device = pick_device(args.device)

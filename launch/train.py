@@ -32,8 +32,8 @@ import os
 import sys
 
 
-from launch.common import (EXIT_INTERRUPTED, EXIT_OK, EXIT_PEER_LOST,
-                           EXIT_USAGE, PropulsionError, setup_logging)
+from launch.common import setup_logging
+from propulsion_ds.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PEER_LOST, EXIT_USAGE, PropulsionError
 
 SHUTDOWN_TIMEOUT_S = 60.0
 

@@ -14,8 +14,9 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from conftest import ARCH, CASES, LLAMA_TINY, base_model, random_z, set_z, token_ids
 from propulsion_ds import (AdapterError, PropulsionConfig, adapter_state_dict, inject, load_adapter,
                            load_adapter_state_dict, save_adapter)
-from propulsion_ds.method.adapter import (CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, check_compatible,
-                                   read_adapter_config, read_adapter_weights)
+from propulsion_ds.method.adapter import (CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, read_adapter_config,
+                                          read_adapter_weights)
+from propulsion_ds.method.compat import check_compatible
 from propulsion_ds.method.propulsion import DELTA_NAME, get_state
 
 

@@ -8,7 +8,8 @@ import torch
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-from propulsion_ds.config.load import load_config, resolve_deepspeed  # noqa: E402
+from propulsion_ds.config.load import load_config
+from propulsion_ds.config.deepspeed import resolve_deepspeed  # noqa: E402
 from propulsion_ds.method.propulsion import get_state, inject  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

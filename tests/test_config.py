@@ -12,8 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from propulsion_ds.config import ConfigError, RunConfig
-from propulsion_ds.config.load import (apply_overrides, config_from_dict, config_to_dict,
-                                       expand_data_paths, load_config, resolve_deepspeed)
+from propulsion_ds.config.load import apply_overrides, config_from_dict, config_to_dict, load_config
+from propulsion_ds.config.paths import expand_data_paths
+from propulsion_ds.config.deepspeed import resolve_deepspeed
 
 REPO = Path(__file__).resolve().parents[1]
 # Absolute: paths written in a config file resolve against that file's directory (tmp_path here).

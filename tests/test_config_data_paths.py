@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 
 from propulsion_ds.config import ConfigError
-from propulsion_ds.config.load import expand_data_paths, load_config
-from propulsion_ds.data.files import DataError, load_raw, resolve_files
+from propulsion_ds.config.paths import expand_data_paths
+from propulsion_ds.config.load import load_config
+from propulsion_ds.errors import DataError
+from propulsion_ds.data.files import load_raw, resolve_files
 
 REPO = Path(__file__).resolve().parents[1]
 

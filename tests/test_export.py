@@ -318,7 +318,7 @@ def test_export_from_zero3_checkpoint_two_ranks(tmp_path):
     run = _train(tmp_path, "z3", _ds(3), "fp32")
     ours = _check_export(run, tmp_path, 3)
     # Really partitioned: each rank's optimizer file holds half of the fp32 vector.
-    from propulsion_ds.train.checkpoint import safe_torch_load
+    from propulsion_ds.train.safe_load import safe_torch_load
     part = safe_torch_load(sorted((run / "checkpoints" / "step_4").glob("*optim_states.pt"))[0])
     held = sum(t.numel() for t in part["optimizer_state_dict"]["fp32_flat_groups"])
     assert held * 2 >= sum(v.numel() for v in ours.values()) > held

@@ -284,7 +284,8 @@ def test_shipped_layout_configs_are_what_the_planner_assumes(tmp_path, layout):
     """Each recommended --set line, applied to a real run config, gives the ZeRO settings the
     planner costed (stage, hpZ group, offload) and a config DeepSpeed itself accepts."""
     from deepspeed.runtime.config import DeepSpeedConfig
-    from propulsion_ds.config.load import load_config, resolve_deepspeed
+    from propulsion_ds.config.load import load_config
+    from propulsion_ds.config.deepspeed import resolve_deepspeed
     shape = model_shape(ROOT / "configs/models/llama2-7b/config.json", PropulsionConfig())
     c = Cluster(4, 4)
     advice_overrides = [f"deepspeed={DEEPSPEED_CONFIGS[layout]}"]

@@ -92,7 +92,7 @@ def test_memory_check_estimate_uses_the_trainers_resolved_config(smollm2, stage,
     """bench/memory_check.py resolves the shipped config with the model's hidden size, as the
     trainer does, and its estimate is the sum of the planner's parts for it (packed: masked)."""
     from bench import memory_check
-    from propulsion_ds.config.load import resolve_deepspeed
+    from propulsion_ds.config.deepspeed import resolve_deepspeed
     s = smollm2
     cfg = memory_check.run_config(stage, str(ROOT / "assets/stories260K"), str(tmp_path / "out"),
                                   str(tmp_path / "cache"), 4)

@@ -12,8 +12,10 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from helpers import MODEL_DIR as STORIES, run_cli, train_env
 from propulsion_ds import PropulsionConfig, inject, load_adapter, save_adapter
-from propulsion_ds.method.adapter import AdapterError
-from propulsion_ds.tools.merge import INDEX_FILE, MergeError, merge
+from propulsion_ds.errors import AdapterError
+from propulsion_ds.tools.merge_plan import INDEX_FILE
+from propulsion_ds.errors import MergeError
+from propulsion_ds.tools.merge import merge
 
 pytestmark = pytest.mark.slow
 

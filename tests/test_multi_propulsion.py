@@ -9,7 +9,8 @@ import torch
 
 from conftest import ARCH, base_model, loss_of, token_ids
 from propulsion_ds import PropulsionConfig, inject
-from propulsion_ds.method.propulsion import DELTA_NAME, channel_scales, initial_delta, multi_offsets
+from propulsion_ds.method.propulsion import DELTA_NAME, channel_scales
+from propulsion_ds.method.multi import initial_delta, multi_offsets
 
 
 @pytest.mark.parametrize("n", [2, 3, 4, 8])

@@ -10,8 +10,9 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from conftest import (ARCH, CASES, base_model, loss_of, n_layers, out_width, random_z,
                       reference_model, rel_err, set_z, token_ids)
 from propulsion_ds import PropulsionConfig, inject
-from propulsion_ds.method.propulsion import (DELTA_NAME, channel_scales, get_state, initial_delta, scale_from_delta,
-                                      trainable_parameters)
+from propulsion_ds.method.propulsion import DELTA_NAME, channel_scales, get_state, trainable_parameters
+from propulsion_ds.method.multi import initial_delta
+from propulsion_ds.method.scale import scale_from_delta
 
 
 # ---------------------------------------------------------------- generic checks over CASES

@@ -208,7 +208,8 @@ def test_zero3_really_partitions_the_model(workdir, full_run, smollm2_dir):
     of the model's elements (the trainer's partition log; rank 1 is its mirror image)."""
     from safetensors import safe_open
 
-    from propulsion_ds.config.load import load_config, resolve_deepspeed
+    from propulsion_ds.config.load import load_config
+    from propulsion_ds.config.deepspeed import resolve_deepspeed
 
     hidden = json.loads((smollm2_dir / "config.json").read_text())["hidden_size"]
     ds = resolve_deepspeed(load_config(workdir / "config.json"), WORLD, hidden)

@@ -12,7 +12,8 @@ import typing
 from typing import Any, Union
 
 from propulsion_ds.config.messages import fail, got, is_int, is_number, show
-from propulsion_ds.config.schema import ConfigError, RunConfig, field_names, leaves
+from propulsion_ds.errors import ConfigError
+from propulsion_ds.config.schema import RunConfig, field_names, leaves
 
 _NO_MATCH = object()
 

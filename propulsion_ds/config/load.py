@@ -26,7 +26,8 @@ from propulsion_ds.config.deepspeed import fill_deepspeed, load_deepspeed, resol
 from propulsion_ds.config.jsonfile import read_json
 from propulsion_ds.config.messages import fail, got, show
 from propulsion_ds.config.paths import anchor_paths, expand_data_paths
-from propulsion_ds.config.schema import ConfigError, RunConfig, field_names
+from propulsion_ds.errors import ConfigError
+from propulsion_ds.config.schema import RunConfig, field_names
 from propulsion_ds.config.validate import check_contradictions, check_declared, check_files
 
 __all__ = ["ConfigError", "load_config", "config_from_dict", "apply_overrides", "resolve_deepspeed",

@@ -11,10 +11,9 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Union
 
-from propulsion_ds.errors import ConfigError  # noqa: F401  (re-exported: callers import it from here)
 from propulsion_ds.method.propulsion import PropulsionConfig
 
-__all__ = ["CheckpointConfig", "ConfigError", "DataConfig", "DistributedConfig", "EvalConfig", "Leaf",
+__all__ = ["CheckpointConfig", "DataConfig", "DistributedConfig", "EvalConfig", "Leaf",
            "LoggingConfig", "ModelConfig", "PropulsionConfig", "RunConfig", "TokenizerConfig",
            "TrainConfig", "field_names", "leaves", "option"]
 

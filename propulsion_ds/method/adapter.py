@@ -20,8 +20,8 @@ from torch import nn
 
 from propulsion_ds.errors import AdapterError
 from propulsion_ds.fsutil import write_atomic
-from propulsion_ds.method.compat import check_architecture, check_compatible, injected_skeleton, meta_skeleton  # noqa: F401
-from propulsion_ds.method.gather import (BIAS_SUFFIX, _full_shape, _local_biases, gathered,  # noqa: F401
+from propulsion_ds.method.compat import check_architecture, check_compatible
+from propulsion_ds.method.gather import (BIAS_SUFFIX, _full_shape, _local_biases, gathered,
                                          trained_bias_params, trained_biases)
 from propulsion_ds.method.propulsion import DELTA_NAME, PropulsionConfig, _require_state, get_state, inject
 

@@ -24,8 +24,8 @@ from typing import Union
 import torch
 from torch import nn
 
-from propulsion_ds.method.multi import MULTI_SPREAD, initial_delta, multi_offsets  # noqa: F401
-from propulsion_ds.method.scale import _Propel, fold, scale_from_delta  # noqa: F401
+from propulsion_ds.method.multi import initial_delta
+from propulsion_ds.method.scale import _Propel, fold, scale_from_delta
 from propulsion_ds.method.targets import find_targets, module_out_features, weight_axis
 
 DELTA_NAME = "propulsion_delta"

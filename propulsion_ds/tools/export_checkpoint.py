@@ -25,10 +25,13 @@ from pathlib import Path
 from torch import nn
 
 from propulsion_ds.errors import ConfigError, ExportError
-from propulsion_ds.method.adapter import meta_skeleton, save_adapter
+from propulsion_ds.method.compat import meta_skeleton
+from propulsion_ds.method.adapter import save_adapter
 from propulsion_ds.method.propulsion import DELTA_NAME, get_state, inject
 from propulsion_ds.tools.outdir import check_export_out, staged
-from propulsion_ds.train.checkpoint import META_FILE, CheckpointError, read_step_meta, safe_torch_load
+from propulsion_ds.train.checkpoint import META_FILE, read_step_meta
+from propulsion_ds.errors import CheckpointError
+from propulsion_ds.train.safe_load import safe_torch_load
 
 log = logging.getLogger(__name__)
 

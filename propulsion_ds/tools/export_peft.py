@@ -28,8 +28,9 @@ from pathlib import Path
 from torch import nn
 
 from propulsion_ds.errors import ExportError
-from propulsion_ds.method.adapter import (KEY_SUFFIX, adapter_config, adapter_delta, injected_skeleton,
-                                          read_adapter_config, read_adapter_weights)
+from propulsion_ds.method.adapter import (KEY_SUFFIX, adapter_config, adapter_delta, read_adapter_config,
+                                          read_adapter_weights)
+from propulsion_ds.method.compat import injected_skeleton
 from propulsion_ds.method.propulsion import PropulsionConfig, channel_scales, scaled_tied_pair
 from propulsion_ds.tools.outdir import check_export_out, staged
 

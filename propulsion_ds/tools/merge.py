@@ -28,14 +28,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from propulsion_ds.errors import MergeError, VerificationError  # noqa: F401
+from propulsion_ds.errors import MergeError
 from propulsion_ds.model import DTYPES as MODEL_DTYPES
-from propulsion_ds.tools.merge_plan import (INDEX_FILE, SINGLE_FILE, Scale, checkpoint_files,  # noqa: F401
-                                            plan_merge, read_header)
-from propulsion_ds.tools.merge_verify import (TOLERANCE_16BIT, VERIFY_MAX_BYTES, check_merge,  # noqa: F401
-                                              scaled_dtypes, verify_merge)
-from propulsion_ds.tools.merge_write import (SAFETENSORS_DTYPES, WEIGHT_SUFFIXES, dtype_name,  # noqa: F401
-                                             stored_dtypes, write_shards, write_side_files)
+from propulsion_ds.tools.merge_plan import checkpoint_files, plan_merge, read_header
+from propulsion_ds.tools.merge_verify import VERIFY_MAX_BYTES, check_merge, scaled_dtypes
+from propulsion_ds.tools.merge_write import dtype_name, stored_dtypes, write_shards, write_side_files
 from propulsion_ds.tools.outdir import staged
 
 # The config's short names (model.DTYPES: fp32, bf16, fp16) and torch's own (float32, ...).

@@ -15,8 +15,10 @@ from pathlib import Path
 import torch
 
 from propulsion_ds.errors import AdapterError, MergeError
-from propulsion_ds.method.adapter import (BIAS_SUFFIX, adapter_config, adapter_delta, injected_skeleton,
-                                          read_adapter_config, read_adapter_weights, trained_bias_params)
+from propulsion_ds.method.gather import BIAS_SUFFIX, trained_bias_params
+from propulsion_ds.method.adapter import (adapter_config, adapter_delta, read_adapter_config,
+                                          read_adapter_weights)
+from propulsion_ds.method.compat import injected_skeleton
 from propulsion_ds.method.propulsion import channel_scales, get_state, scaled_tied_pair
 from propulsion_ds.method.targets import weight_axis
 

@@ -38,7 +38,7 @@ import torch
 from propulsion_ds import collective, fsutil
 from propulsion_ds import distributed as dist
 from propulsion_ds.distributed import is_peer_failure
-from propulsion_ds.errors import CheckpointError  # noqa: F401 - callers use checkpoint.CheckpointError
+from propulsion_ds.errors import CheckpointError
 from propulsion_ds.train.safe_load import safe_torch_load
 
 META_FILE = "meta.json"

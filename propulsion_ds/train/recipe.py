@@ -18,7 +18,8 @@ import torch
 
 from propulsion_ds import data, distributed as dist
 from propulsion_ds.config import RunConfig
-from propulsion_ds.config.load import config_to_dict, resolve_deepspeed
+from propulsion_ds.config.load import config_to_dict
+from propulsion_ds.config.deepspeed import resolve_deepspeed
 from propulsion_ds.errors import Preempted
 from propulsion_ds.method.propulsion import channel_scales, inject, trainable_parameters
 from propulsion_ds.model import (check_attn_implementation, load_base_model, load_tokenizer, resolve_model_path,

@@ -52,7 +52,8 @@ def plan_from_run_config(path, *, nodes: int, gpus_per_node: int, model_config: 
                          overrides=(), gpu_memory_gib: float = 80.0) -> Plan:
     """Plan the run config at ``path`` (files on disk are not checked: the model path may be a
     placeholder) on ``nodes`` x ``gpus_per_node`` GPUs. Raises PlanError or ConfigError."""
-    from propulsion_ds.config.load import load_config, resolve_deepspeed
+    from propulsion_ds.config.load import load_config
+    from propulsion_ds.config.deepspeed import resolve_deepspeed
 
     if nodes < 1 or gpus_per_node < 1:
         raise PlanError(f"nodes and gpus-per-node must be >= 1, got {nodes} and {gpus_per_node}")
