@@ -97,7 +97,9 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     every_steps: int = option(100, ge=1, help="evaluate every this many updates")
-    max_batches: int = option(50, ge=1, help="batches per evaluation")
+    max_batches: int = option(50, ge=1, help="micro-batches per evaluation, all ranks together: a "
+                              "seeded sample of max_batches x micro_batch_size eval rows, the same for "
+                              "any number of ranks")
     generate: bool = option(False, help="greedy generation on eval rows, scored by `metric`")
     generate_samples: int = option(16, ge=1, help="eval rows generated for")
     max_new_tokens: int = option(128, ge=1, help="tokens generated per row")
