@@ -146,6 +146,15 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def broadcast_object(obj, src: int = 0):
+    """Collective: rank ``src``'s ``obj`` (picklable) on every rank; ``obj`` itself without a group."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=src)
+    return box[0]
+
+
 def patient_barrier(hours: float = 12.0):
     """Collective: a barrier callable for waits on long one-rank work (tokenizing a large data
     set), on its own gloo group whose timeout is ``hours``, not distributed.timeout_minutes."""

@@ -12,6 +12,18 @@ template), the data settings (format, max_length, packing, template, text_field,
 and ``CACHE_VERSION`` (bump it whenever a change here or in tokenizing/packing changes the rows).
 A build is written to a temporary directory and renamed into place, so a killed build never leaves
 a half-written cache, and a requeued job with the same inputs reuses it.
+
+The key is computed once, on rank 0, and broadcast: the other ranks never read the data files to
+key the cache. Rank 0 keeps each file's content hash in ``<cache_dir>/hashes/`` together with the
+file's size, mtime, ctime, inode and device, and re-reads a file only when one of those changed,
+so an unchanged 50 GB file costs a ``stat`` at each start. What a change of contents is caught by:
+any write changes the ctime (which no user call can set back, unlike the mtime: ``touch -d`` or
+``os.utime`` after a same-size rewrite still changes the ctime), and a replaced file (rename, copy
+over) changes the inode. A hash is trusted only for a file whose mtime and ctime were at least
+``RACY_NS`` older than the moment its hashing began: on a file system with coarse timestamps a
+rewrite within the same tick would otherwise keep every stat field (git's "racily clean" rule).
+Not caught: contents changed behind the file system's back (a raw block write, a remote change
+an NFS client has not revalidated yet); delete ``<cache_dir>/hashes`` to force a re-read.
 """
 from __future__ import annotations
 
@@ -39,6 +51,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"
                     "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja",
                     "chat_template.json")
 _SPLITS = ("train", "eval", "eval_samples")
+HASH_DIR = "hashes"   # under cache_dir: the data files' content hashes, reused while unchanged
 
 
 def _hash_file(path: str, h) -> None:
@@ -58,14 +71,69 @@ def _files_of(spec) -> list[str]:
     return out
 
 
-def files_fingerprint(spec) -> list[dict]:
-    """Path, size and content hash (blake2b) of each data file, in the pipeline's order."""
-    out = []
-    for f in _files_of(spec):
-        h = hashlib.blake2b(digest_size=16)
-        _hash_file(f, h)
-        out.append({"path": os.path.abspath(f), "size": os.path.getsize(f), "blake2b": h.hexdigest()})
-    return out
+RACY_NS = 2_000_000_000   # a hash taken less than this after the file's last change is not reused
+_STAT_FIELDS = ("st_size", "st_mtime_ns", "st_ctime_ns", "st_ino", "st_dev")
+
+
+def content_hash(path: str, hash_dir: Optional[str] = None, pending: Optional[list] = None) -> str:
+    """blake2b (16 bytes, hex) of the file's contents; with ``hash_dir``, reused from there while
+    the file's size, mtime, ctime, inode and device are unchanged (see the module docstring).
+    A new hash is kept in ``hash_dir`` at once, or appended to ``pending`` for ``keep_hashes``."""
+    st = os.stat(path)
+    now = [getattr(st, k) for k in _STAT_FIELDS]
+    record = None
+    if hash_dir is not None:
+        name = hashlib.blake2b(os.path.abspath(path).encode(), digest_size=16).hexdigest() + ".json"
+        record = os.path.join(hash_dir, name)
+        try:
+            with open(record) as f:
+                old = json.load(f)
+            if old["stat"] == now and max(st.st_mtime_ns, st.st_ctime_ns) < old["hashed_at_ns"] - RACY_NS:
+                return old["blake2b"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    started = time.time_ns()
+    h = hashlib.blake2b(digest_size=16)
+    _hash_file(path, h)
+    digest = h.hexdigest()
+    after = [getattr(os.stat(path), k) for k in _STAT_FIELDS]
+    if record is not None and after == now:    # changed while being read: keep no record
+        entry = (record, {"path": os.path.abspath(path), "stat": now, "hashed_at_ns": started, "blake2b": digest})
+        if pending is None:
+            keep_hashes([entry])
+        else:
+            pending.append(entry)
+    return digest
+
+
+def keep_hashes(entries: list) -> None:
+    """Write ``content_hash``'s pending records (best effort: a read-only cache directory only
+    means the files are read again next time)."""
+    for record, payload in entries:
+        try:
+            os.makedirs(os.path.dirname(record), exist_ok=True)
+            tmp = f"{record}.tmp{os.getpid()}"
+            with open(tmp, "w") as f:
+                json.dump(payload, f)
+            os.replace(tmp, record)
+        except OSError as e:
+            logger.debug("data cache: cannot keep the hash of %s: %s", payload["path"], e)
+
+
+def files_fingerprint(spec, hash_dir: Optional[str] = None, pending: Optional[list] = None) -> list[dict]:
+    """Path, size and content hash (blake2b) of each data file, in the pipeline's order; with
+    ``hash_dir`` a file unchanged since its last hashing is not read again (``content_hash``)."""
+    return [{"path": os.path.abspath(f), "size": os.path.getsize(f),
+             "blake2b": content_hash(f, hash_dir, pending)} for f in _files_of(spec)]
+
+
+def data_contents(cache_path: str) -> dict:
+    """{"train": [...], "eval": [...] or None} of a built cache: each data file's path, size and
+    content hash as the cache was keyed (read from its meta.json, no data file is read). What a
+    checkpoint's fingerprint can hold to refuse a resume on changed data contents."""
+    with open(os.path.join(cache_path, "meta.json")) as f:
+        fp = json.load(f)["fingerprint"]
+    return {"train": fp["train"], "eval": fp["eval"]}
 
 
 def tokenizer_fingerprint(tokenizer) -> dict:
@@ -85,12 +153,12 @@ def tokenizer_fingerprint(tokenizer) -> dict:
             "chat_template": getattr(tokenizer, "chat_template", None)}
 
 
-def fingerprint(cfg, tokenizer) -> dict:
+def fingerprint(cfg, tokenizer, hash_dir: Optional[str] = None, pending: Optional[list] = None) -> dict:
     """The full description the cache key hashes (also written to the cache's meta.json)."""
     return {"version": CACHE_VERSION,
             "settings": {k: getattr(cfg, k) for k in _SETTINGS},
-            "train": files_fingerprint(cfg.train),
-            "eval": files_fingerprint(cfg.eval) if cfg.eval else None,
+            "train": files_fingerprint(cfg.train, hash_dir, pending),
+            "eval": files_fingerprint(cfg.eval, hash_dir, pending) if cfg.eval else None,
             "tokenizer": tokenizer_fingerprint(tokenizer)}
 
 
@@ -146,6 +214,21 @@ def _build(cfg, tokenizer, final: str, fp: dict, rank: int) -> None:
     logger.info("data cache: built %s in %.1f s", final, time.time() - t0)
 
 
+def _check_same_files(cfg, fp: dict) -> None:
+    """DataError unless this rank's data files are rank 0's by path and size (a ``stat`` each:
+    the contents are rank 0's to hash). A rank whose config names other files than rank 0's
+    would otherwise train on rank 0's rows without a word; its own unreadable file is named."""
+    for split, spec in (("train", cfg.train), ("eval", cfg.eval)):
+        theirs = [(f["path"], f["size"]) for f in fp[split] or []]
+        mine = [(os.path.abspath(f), os.path.getsize(f)) for f in _files_of(spec)] if spec else []
+        if mine != theirs:
+            for f, _ in mine:
+                _has_rows(f)
+            show = lambda files: ", ".join(f"{p} ({n} bytes)" for p, n in files[:3]) or "none"  # noqa: E731
+            raise DataError(f"data.{split}: this rank reads {show(mine)} where rank 0 reads {show(theirs)}: "
+                            f"every rank must run the same config on the same files")
+
+
 def load_cache(path: str) -> Built:
     """Memory-map a built cache directory."""
     parts = {s: datasets.load_from_disk(os.path.join(path, s)) if os.path.isdir(os.path.join(path, s)) else None
@@ -155,7 +238,8 @@ def load_cache(path: str) -> Built:
 
 
 def load_or_build(cfg, tokenizer, cache_dir: str, *, rank: int = 0, local_rank: int = 0,
-                  barrier: Optional[Callable[[], None]] = None) -> Built:
+                  barrier: Optional[Callable[[], None]] = None,
+                  broadcast: Optional[Callable[[object], object]] = None) -> Built:
     """The run's data sets, tokenized by one process per storage domain and memory-mapped by all.
 
     Collective: every rank calls it with the same ``cfg``/tokenizer and passes the same
@@ -163,10 +247,15 @@ def load_or_build(cfg, tokenizer, cache_dir: str, *, rank: int = 0, local_rank: 
     twice on every rank, also when building fails, so no rank is left waiting: the failing rank
     raises its own error after the barriers, and a rank whose builder failed raises a DataError.
     The barrier must tolerate a long build (the process group's timeout bounds it).
+    ``broadcast`` (rank 0's object in, rank 0's object out on every rank, e.g.
+    ``distributed.broadcast_object``; None for one process) hands rank 0's cache key to the
+    others after the first barrier: only rank 0 reads the data files to key the cache.
     """
     barrier = barrier or (lambda: None)
-    fp = fingerprint(cfg, tokenizer)
-    path = os.path.join(os.path.abspath(cache_dir), cache_key(fp))
+    broadcast = broadcast or (lambda obj: obj)
+    root = os.path.abspath(cache_dir)
+    fp: Optional[dict] = None
+    path = ""
     built_here = False
     error: Optional[BaseException] = None
 
@@ -180,8 +269,26 @@ def load_or_build(cfg, tokenizer, cache_dir: str, *, rank: int = 0, local_rank: 
                 error = e
 
     if rank == 0:
+        hashes: list = []
+        try:
+            fp = fingerprint(cfg, tokenizer, os.path.join(root, HASH_DIR), hashes)
+            path = os.path.join(root, cache_key(fp))
+        except Exception as e:  # noqa: BLE001 - re-raised after the barriers, named to the others
+            error = e
         attempt()
+        if error is None:
+            keep_hashes(hashes)   # only beside a cache: bad input leaves no directory behind
     barrier()
+    fp, failed = broadcast((fp, None if error is None else f"rank 0: {error}") if rank == 0 else None)
+    if fp is not None:
+        path = os.path.join(root, cache_key(fp))
+        if rank != 0:
+            try:
+                _check_same_files(cfg, fp)
+            except Exception as e:  # noqa: BLE001 - re-raised after the barriers
+                error = e
+    elif error is None:
+        error = DataError(f"data cache: the cache key was not computed ({failed})")
     if local_rank == 0:
         attempt()  # node-local storage: this node does not see rank 0's cache
     barrier()
