@@ -195,3 +195,43 @@ def test_flash_attention_2_unavailable_is_one_line_error_naming_field():
             load_base_model(model_cfg(STORIES, attn="flash_attention_2", dtype=dtype), {})
         assert str(e.value).startswith("model.attn_implementation: flash_attention_2 needs")
         assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_hub_download_waits_on_the_patient_barrier(tmp_path):
+    """The trainer on 2 ranks with a 3 s collective timeout and a Hub that takes 6 s to answer
+    (then: no such repo). Rank 1 waits for rank 0's download on the patient barrier, not the
+    3 s one: both ranks end with the download's own one-line error (exit 2), not a lost peer."""
+    import http.server
+    import threading
+    import time
+
+    from helpers import run_train
+
+    class SlowNotFound(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            time.sleep(6)
+            self.send_response(404)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("X-Error-Code", "RepoNotFound")
+            self.end_headers()
+            self.wfile.write(b'{"error": "Repository not found"}')
+        do_HEAD = do_GET
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SlowNotFound)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        r = run_train(["--config", "configs/tiny.json", "--set", "model.name_or_path=test-org/slow-hub",
+                       "--set", "distributed.timeout_minutes=0.05", "--set", f"output_dir={tmp_path / 'out'}"],
+                      nproc=2, timeout=300,
+                      env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{srv.server_port}",
+                           "HF_HUB_CACHE": str(tmp_path / "hub")})
+    finally:
+        srv.shutdown()
+    errors = [ln for ln in r.stderr.splitlines() if "error:" in ln]
+    assert r.returncode != 0 and "lost contact" not in r.stderr, r.stderr[-3000:]
+    assert any("model.name_or_path: 'test-org/slow-hub' is not a local directory, and cannot download it" in e
+               for e in errors), r.stderr[-3000:]
