@@ -54,6 +54,11 @@ class Preempted(PropulsionError):
     exit_code = EXIT_PREEMPTED
 
 
+class StopDuringEval(Preempted):
+    """An eval or generation loop saw an agreed stop request between two batches; the recipe
+    catches it, checkpoints the current step and raises Preempted with the line to print."""
+
+
 class MergeError(PropulsionError, ValueError):
     """A merge that cannot run (missing files, wrong adapter, tied weights); one-line message."""
 

@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 import torch
 
 from propulsion_ds.data import IGNORE_INDEX
-from propulsion_ds.train.signals import StopDuringEval
+from propulsion_ds.errors import StopDuringEval
 
 METRICS = ("marker", "exact", "none")
 N_EXAMPLES = 4            # prompt / reference / generation triples kept for the logs

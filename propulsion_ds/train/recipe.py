@@ -20,7 +20,7 @@ from propulsion_ds import data, distributed as dist
 from propulsion_ds.config import RunConfig
 from propulsion_ds.config.load import config_to_dict
 from propulsion_ds.config.deepspeed import resolve_deepspeed
-from propulsion_ds.errors import Preempted
+from propulsion_ds.errors import Preempted, StopDuringEval
 from propulsion_ds.method.propulsion import channel_scales, inject, trainable_parameters
 from propulsion_ds.model import (check_attn_implementation, load_base_model, load_tokenizer, resolve_model_path,
                                  vocab_size)
@@ -35,7 +35,7 @@ from propulsion_ds.train.metrics import (MetricsSink, WindowSums, estimate_mfu, 
 from propulsion_ds.train.nonfinite import NonFiniteGuard
 from propulsion_ds.train.progress import TrainingProgress
 from propulsion_ds.train.run_data import eval_batches, load_run_data, micro_batches
-from propulsion_ds.train.signals import StopDuringEval, StopRequest
+from propulsion_ds.train.signals import StopRequest
 
 log = logging.getLogger(__name__)
 

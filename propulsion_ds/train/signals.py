@@ -9,11 +9,7 @@ from __future__ import annotations
 import signal
 
 from propulsion_ds import distributed as dist
-
-
-class StopDuringEval(Exception):
-    """An eval loop saw an agreed stop request between two batches: the recipe checkpoints the
-    current step and ends the run as preempted."""
+from propulsion_ds.errors import StopDuringEval
 
 
 class StopRequest:
