@@ -177,6 +177,16 @@ def test_names_are_imported_from_the_module_that_defines_them():
                 for i, line in enumerate(p.read_text().splitlines(), 1)
                 if "noqa: F401" in line and not re.match(r"\s*import [\w.]+\s+# noqa", line)]
     assert not forwards, forwards
+    listed = []                                 # __all__ naming an imported name forwards it too
+    for p in _py_files("propulsion_ds"):
+        if p.name == "__init__.py":
+            continue
+        for node in ast.parse(p.read_text()).body:
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "__all__" for t in node.targets):
+                defined = _defined_names(p)
+                listed += [f"{p.relative_to(ROOT)}: __all__ lists {e.value}" for e in node.value.elts
+                           if isinstance(e, ast.Constant) and e.value not in defined]
+    assert not listed, listed
     wrong = []
     for path in _py_files(*PRODUCT_DIRS, "tests"):
         for node in ast.walk(ast.parse(path.read_text())):

@@ -7,9 +7,6 @@ directory (``config/paths.py``), applies the overrides to the raw dict, builds
 :class:`~propulsion_ds.errors.ConfigError` whose message is one line naming the field by its
 dotted path, and every check runs before anything heavy loads. ``model.name_or_path`` may also
 be a Hugging Face Hub id (``org/name``).
-
-The names callers use (``resolve_deepspeed``, ``expand_data_paths``, ``anchor_paths``) are
-importable from here as well as from their own modules.
 """
 from __future__ import annotations
 
@@ -22,16 +19,14 @@ import typing
 from typing import Any, Iterable
 
 from propulsion_ds.config.build import build, unknown_key
-from propulsion_ds.config.deepspeed import fill_deepspeed, load_deepspeed, resolve_deepspeed
+from propulsion_ds.config.deepspeed import fill_deepspeed, load_deepspeed
 from propulsion_ds.config.jsonfile import read_json
 from propulsion_ds.config.messages import fail, got, show
-from propulsion_ds.config.paths import anchor_paths, expand_data_paths
-from propulsion_ds.errors import ConfigError
+from propulsion_ds.config.paths import anchor_paths
 from propulsion_ds.config.schema import RunConfig, field_names
 from propulsion_ds.config.validate import check_contradictions, check_declared, check_files
 
-__all__ = ["ConfigError", "load_config", "config_from_dict", "apply_overrides", "resolve_deepspeed",
-           "config_to_dict", "expand_data_paths", "anchor_paths"]
+__all__ = ["load_config", "config_from_dict", "apply_overrides", "config_to_dict"]
 
 
 def _parse_override(item: Any) -> tuple[list[str], Any]:

@@ -14,7 +14,7 @@ from typing import Any, Iterator, Optional, Union
 from propulsion_ds.method.propulsion import PropulsionConfig
 
 __all__ = ["CheckpointConfig", "DataConfig", "DistributedConfig", "EvalConfig", "Leaf",
-           "LoggingConfig", "ModelConfig", "PropulsionConfig", "RunConfig", "TokenizerConfig",
+           "LoggingConfig", "ModelConfig", "RunConfig", "TokenizerConfig",
            "TrainConfig", "field_names", "leaves", "option"]
 
 _MISSING = dataclasses.MISSING

@@ -184,4 +184,4 @@ def adapter_from_checkpoint(step_dir, out, *, config=None, base=None, overwrite:
                             world_size=int(meta.get("world_size", 1)), trainable=state.trainable_count)
 
 
-__all__ = ["CheckpointExport", "CheckpointError", "adapter_from_checkpoint", "fp32_trainables", "run_config_path"]
+__all__ = ["CheckpointExport", "adapter_from_checkpoint", "fp32_trainables", "run_config_path"]
