@@ -194,7 +194,7 @@ def run_one(method: str, lr: float, seed: int, steps: int, micro_batch: int, max
     import torch
     from transformers import AutoModelForCausalLM
     from propulsion_ds import data
-    from propulsion_ds.train.schedule import lr_lambda
+    from propulsion_ds.train.ds_engine import lr_lambda
 
     train, ev, pad = _data(max_length)
     torch.manual_seed(seed)
@@ -609,7 +609,7 @@ def cs_run(method: str, lr: float, seed: int, *, model_name: str, train, pad, to
     from transformers import AutoModelForCausalLM
     from propulsion_ds import data
     from propulsion_ds.eval import choice
-    from propulsion_ds.train.schedule import lr_lambda
+    from propulsion_ds.train.ds_engine import lr_lambda
 
     t_start = time.perf_counter()
     torch.manual_seed(seed)

@@ -31,7 +31,7 @@ import torch
 from helpers import (ROOT, TINY_CONFIG, free_port, kill_group, read_metrics, run_train, start_train,
                      tail, train_env, train_records, wait_for)
 from propulsion_ds.method.adapter import read_adapter_weights
-from propulsion_ds.train.schedule import lr_lambda
+from propulsion_ds.train.ds_engine import lr_lambda
 
 pytestmark = pytest.mark.slow
 

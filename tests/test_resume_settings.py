@@ -19,7 +19,7 @@ import torch
 
 from helpers import TINY_CONFIG, read_metrics, run_train, tail, train_records
 from propulsion_ds.method.adapter import read_adapter_weights
-from propulsion_ds.train.schedule import lr_lambda
+from propulsion_ds.train.ds_engine import lr_lambda
 
 pytestmark = pytest.mark.slow
 

@@ -1,5 +1,7 @@
-"""The DeepSpeed engine around the frozen model: built with our optimizer and schedule so one
-veto can discard a non-finite update on every ZeRO stage, and stepped at the boundary.
+"""The DeepSpeed engine around the frozen model, with the optimizer, the LR schedule and the update
+veto it owns: built with our AdamW and LambdaLR so one veto can discard a non-finite update on
+every ZeRO stage, and stepped at the boundary. The schedule: linear warm-up, then constant, linear
+or cosine decay to zero.
 
 The optimizer has two parameter groups: the Propulsion vectors, decayed by train.weight_decay,
 and (with propulsion.train_bias) the pretrained biases, never decayed, since decay would pull
@@ -10,17 +12,76 @@ lr, weight_decay, max_grad_norm and schedule take effect from the resumed step
 from __future__ import annotations
 
 import logging
+import math
+import types
 
 import torch
 
 from propulsion_ds.method.gather import trained_bias_params
 from propulsion_ds.method.propulsion import trainable_parameters
-from propulsion_ds.train.guards import UpdateGuard, guarded_adamw, guarded_lambda_lr
-from propulsion_ds.train.schedule import lr_lambda
 
 log = logging.getLogger(__name__)
 
 
+# ----------------------------------------------------------------------------- the schedule
+def lr_lambda(schedule: str, warmup_steps: int, max_steps: int):
+    """f(s), the multiplier of train.lr for update s (0 first)."""
+    def f(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+        if schedule == "linear":
+            return 1.0 - progress
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        raise ValueError(f"train.schedule: unknown schedule {schedule!r}")
+    return f
+
+
+# ----------------------------------------------------------------------------- the update veto
+class UpdateGuard:
+    """Lets the trainer veto one optimizer update (and its LR-schedule step) on every rank alike."""
+
+    def __init__(self):
+        self.skip = False
+
+
+def guarded_adamw(params, guard: UpdateGuard, **kw):
+    # A plain AdamW (ZeRO accepts only known optimizer types) whose step the guard can veto.
+    # The wrapper sits on the instance; state_dict() holds only param groups and tensors.
+    opt = torch.optim.AdamW(params, **kw)
+    unguarded = opt.step
+
+    def step(self, *args, **kwargs):
+        if guard.skip:
+            return None
+        return unguarded(*args, **kwargs)
+    opt.step = types.MethodType(step, opt)    # bound, as LRScheduler's own step counter expects
+    return opt
+
+
+def guarded_lambda_lr(optimizer, schedule, guard: UpdateGuard):
+    """LambdaLR whose step the guard can veto, except its own initial step.
+
+    LambdaLR's constructor calls step() once to set update 0's LR to lr * f(0). The engine builds
+    the scheduler while the guard vetoes DeepSpeed's set-up optimizer step; vetoing that initial
+    step too would leave update 0 at the full base LR and the schedule one step late.
+    """
+    constructed = []   # in the closure: an instance attribute would land in state_dict()
+
+    class GuardedLambdaLR(torch.optim.lr_scheduler.LambdaLR):
+        def step(self, *args, **kwargs):
+            if guard.skip and constructed:
+                return None
+            return super().step(*args, **kwargs)
+    scheduler = GuardedLambdaLR(optimizer, schedule)
+    constructed.append(True)
+    return scheduler
+
+
+# ----------------------------------------------------------------------------- the engine
 def param_groups(model, weight_decay: float) -> list[dict]:
     """The vectors with ``weight_decay``; the trained biases (train_bias) in a group without decay."""
     bias_ids = {id(p) for _, p in trained_bias_params(model)}
