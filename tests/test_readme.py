@@ -46,6 +46,15 @@ def test_readme_main_job_runs_and_beats_the_frozen_base(tmp_path):
     assert meta["world_size"] == 2
 
 
+def test_readme_stays_short_and_shows_every_data_format():
+    """A newcomer's page: under 20 KB (benchmarks and internals live in docs/), with one example
+    row of each data format."""
+    text = (ROOT / "README.md").read_text()
+    assert len(text.encode()) < 20_000, f"README.md is {len(text.encode())} bytes: move details to docs/"
+    for row in ('{"text": ', '{"instruction": ', '{"messages": [{"role": '):
+        assert row in text, row
+
+
 # ------------------------------------------------------------------ blocks marked runnable
 def marked_blocks(marker: str, lang: str) -> list[str]:
     """The fenced ``lang`` blocks that directly follow ``<!-- marker -->`` in the README."""
