@@ -57,6 +57,9 @@ METHODS = {
     "prop_k5": ("propulsion-ds k=5", [3e-3, 1e-2, 3e-2]),
     "prop_k15": ("propulsion-ds k=15", [1e-3, 3e-3, 1e-2]),
     "prop_k55": ("propulsion-ds k=55", [3e-4, 1e-3, 3e-3]),
+    "prop_k35": ("propulsion-ds k=35", [3e-4, 1e-3, 3e-3]),
+    "prop_attn": ("propulsion-ds k=15, attention linears only", [1e-3, 3e-3, 1e-2]),
+    "prop_mlp": ("propulsion-ds k=15, MLP linears only", [1e-3, 3e-3, 1e-2]),
     "prop_all": ("propulsion-ds All (k=15, + embedding, lm_head)", [1e-3, 3e-3, 1e-2]),
     "prop_n4": ("multi-propulsion n=4 (k=15)", [1e-3, 3e-3, 1e-2]),
     "ia3": ("peft IA3 (7 linears, output-scaled)", [3e-2, 1e-1, 3e-1]),
@@ -65,7 +68,7 @@ METHODS = {
     "norms": ("RMSNorm gains only (opt-in)", [1e-1, 3e-1, 1e0]),
     "full": ("full fine-tuning", [1e-3, 3e-3, 1e-2]),
 }
-DEFAULT_METHODS = [m for m in METHODS if m != "norms"]
+DEFAULT_METHODS = [m for m in METHODS if m not in ("norms", "prop_k35", "prop_attn", "prop_mlp")]
 GSM8K_METHODS = ["prop_k15", "prop_all", "ia3", "lora", "full"]
 # One LR per method for the 135M run (a sweep does not fit 2 CPU cores): the stories260K sweep's
 # picks for the scale methods (k acts as an LR multiplier, so the same per-step change of z**k),
@@ -147,7 +150,9 @@ def apply_method(model, method: str):
     if method.startswith("prop_"):
         from propulsion_ds import PropulsionConfig, inject
         cfg = {"prop_k1": dict(degree=1), "prop_k5": dict(degree=5), "prop_k15": dict(degree=15),
-               "prop_k55": dict(degree=55), "prop_all": dict(degree=15, embeddings=True, lm_head=True),
+               "prop_k55": dict(degree=55), "prop_k35": dict(degree=35),
+               "prop_attn": dict(degree=15, targets="attention"),
+               "prop_mlp": dict(degree=15, targets=["gate_proj", "up_proj", "down_proj"]), "prop_all": dict(degree=15, embeddings=True, lm_head=True),
                "prop_n4": dict(degree=15, num_vectors=4)}[method]
         inject(model, PropulsionConfig(**cfg))
     elif method in ("ia3", "lora"):
@@ -288,6 +293,8 @@ def main(argv=None) -> int:
     cs.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
                     help="bf16 autocast for training and scoring; auto: measured once, used if faster")
     cs.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    cs.add_argument("--report", nargs="+", default=None, metavar="JSON",
+                    help="print the table of finished result files (and redraw their plots); runs nothing")
     args = ap.parse_args(argv)
     fixed = {}
     for item in args.lrs:
@@ -295,6 +302,8 @@ def main(argv=None) -> int:
         if m not in METHODS or not v:
             ap.error(f"--lr {item!r}: expected METHOD=LR with METHOD one of {', '.join(METHODS)}")
         fixed[m] = float(v)
+    if args.task == "commonsense" and args.report:
+        return commonsense_report(args.report)
     if args.task == "commonsense":
         args.steps = 60 if args.steps is None else args.steps
         args.max_length = 256 if args.max_length is None else args.max_length
@@ -482,16 +491,20 @@ def plot(result, path: Path) -> None:
 # docs/QUALITY.md for the measurements behind every default below.
 CS_FILES = ["boolq", "arc_easy", "arc_challenge", "openbookqa"]
 CS_METHODS = ["base", "prop_k15", "prop_all", "ia3", "lora", "full"]
+# opt-in (--methods ...), for the evidence on the degree and the targets (docs/QUALITY.md)
+CS_EXTRA = ["prop_k5", "prop_k35", "prop_attn", "prop_mlp"]
 CS_DATA_DIR = "../shared/data/commonsense"
 CS_SAMPLE = common.ROOT / "assets" / "data" / "commonsense_sample"
 # The learning rate each method trains at without --sweep (docs/QUALITY.md: how each was chosen on
 # dev). The scale methods are matched by their per-step change: z**k moves ~k*lr per step, so
 # IA3 (k=1) needs ~15x propulsion k=15's rate for the same step.
-CHOSEN_LRS = {"prop_k15": 1e-3, "prop_all": 1e-3, "ia3": 1.5e-2, "lora": 1e-3, "full": 3e-5}
+CHOSEN_LRS = {"prop_k15": 1e-3, "prop_all": 1e-3, "ia3": 1.5e-2, "lora": 1e-3, "full": 3e-5,
+              "prop_k5": 3e-3, "prop_k35": 4.3e-4, "prop_attn": 1e-3, "prop_mlp": 1e-3}
 # --sweep grids (seed 0, picked by dev mean accuracy), centred on CHOSEN_LRS' reasoning above.
 CS_GRIDS = {"prop_k15": [5e-4, 1e-3, 2e-3, 4e-3], "prop_all": [5e-4, 1e-3, 2e-3],
             "ia3": [7.5e-3, 1.5e-2, 3e-2, 6e-2], "lora": [5e-4, 1e-3, 2e-3, 4e-3],
-            "full": [1e-5, 3e-5, 1e-4]}
+            "full": [1e-5, 3e-5, 1e-4], "prop_k5": [1.5e-3, 3e-3, 6e-3], "prop_k35": [2e-4, 4.3e-4, 8.6e-4],
+            "prop_attn": [5e-4, 1e-3, 2e-3], "prop_mlp": [5e-4, 1e-3, 2e-3]}
 # 'text' discriminates for a 135M model, 'label' does not (docs/QUALITY.md, answer-format table).
 CS_DEFAULT_FORMAT = "text"
 
@@ -603,7 +616,7 @@ def cs_measure_bf16(model_name: str, train, pad, micro_batch: int) -> dict:
 
 
 def cs_run(method: str, lr: float, seed: int, *, model_name: str, train, pad, tok, questions, steps: int,
-           micro_batch: int, warmup: int, bf16: bool, answer_format: str) -> dict:
+           micro_batch: int, warmup: int, bf16: bool, answer_format: str, verbose: bool = False) -> dict:
     """Train ``method`` for ``steps`` AdamW updates (warm-up + cosine), then score ``questions``."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -637,6 +650,9 @@ def cs_run(method: str, lr: float, seed: int, *, model_name: str, train, pad, to
                 opt.zero_grad(set_to_none=True)
                 losses.append(loss.item())
                 step += 1
+                if verbose and step % 10 == 0:
+                    print(f"    {method} step {step}/{steps} loss {statistics.fmean(losses[-10:]):.4f} "
+                          f"{time.perf_counter() - t0:.0f} s", flush=True)
                 if not math.isfinite(losses[-1]) or step >= steps:
                     break
             if not math.isfinite(losses[-1]):
@@ -648,7 +664,7 @@ def cs_run(method: str, lr: float, seed: int, *, model_name: str, train, pad, to
         acc, per = float("nan"), {}
     else:
         with torch.no_grad(), _autocast(bf16):
-            res = choice.score_questions(model, tok, questions, answer_format=answer_format)
+            res = choice.score_questions(model, tok, questions, answer_format=answer_format, progress=verbose)
         acc, per = res.accuracy, dict(res.per_source)
     eval_s = time.perf_counter() - t1
     n_by = {}
@@ -733,15 +749,44 @@ def cs_plot(result, path: Path) -> None:
     plt.close(fig)
 
 
+def cs_header(result) -> str:
+    s, m = result["settings"], result["machine"]
+    sub = f", first {s['eval_questions_per_file']} questions a file" if s.get("eval_questions_per_file") else ""
+    return (f"### {s['model']}, commonsense mix ({s['train_rows']} rows): {s['steps']} steps x {s['micro_batch']} x "
+            f"{s['max_length']} tokens, {s['seeds']} seed(s), format {s['answer_format']!r}"
+            f"{', bf16 autocast' if s.get('bf16') else ''}{sub}; {m['date']} UTC, "
+            f"{common.load_note(m['load_avg_1m'], m['cpu_cores'])} (at the end), {result['wall_s'] / 60:.1f} min")
+
+
+def commonsense_report(paths: list) -> int:
+    import json as _json
+    for p in paths:
+        result = _json.loads(Path(p).read_text())
+        if "methods" not in result:      # a .partial.json: the runs finished so far
+            print(f"### {p} (unfinished): the runs finished so far\n")
+            for m, rs in result.get("runs", {}).items():
+                for r in rs:
+                    per = ", ".join(f"{k} {100 * v:.1f}" for k, v in r["accuracy"].items())
+                    print(f"- {m} lr={r['lr']:g} seed={r['seed']}: mean {100 * r['mean_accuracy']:.1f}% ({per}); "
+                          f"train {r['train_s'] / 60:.1f} min, eval {r['eval_s'] / 60:.1f} min, load {r['load_avg']}")
+            print()
+            continue
+        print(cs_header(result) + "\n")
+        print(f"`{result.get('command', '?')}`\n")
+        print(cs_table(result) + "\n")
+        cs_plot(result, Path(p).with_suffix(".png"))
+    return 0
+
+
 def commonsense_main(args, fixed: dict) -> int:
     import torch
     common.quiet()
     quick = args.quick
     model_name = "stories260K" if quick else "smollm2"
     methods = [m for m in (args.methods or CS_METHODS)]
-    bad = [m for m in methods if m not in CS_METHODS]
+    bad = [m for m in methods if m not in CS_METHODS + CS_EXTRA]
     if bad:
-        _die(f"--methods: {', '.join(bad)} not in the commonsense task ({', '.join(CS_METHODS)})")
+        _die(f"--methods: {', '.join(bad)} not in the commonsense task ({', '.join(CS_METHODS + CS_EXTRA)})")
     fmt = args.answer_format or CS_DEFAULT_FORMAT
     data_dir = cs_data_dir(args.data_dir, quick)
     eval_files = args.eval_files or [str(data_dir / f"{n}_dev.jsonl") for n in CS_FILES]
@@ -773,7 +818,7 @@ def commonsense_main(args, fixed: dict) -> int:
         meas, bf16 = None, args.bf16 == "on"
 
     kw = dict(model_name=model_name, train=train, pad=pad, tok=tok, questions=questions, steps=steps,
-              micro_batch=micro, warmup=warmup, bf16=bf16, answer_format=fmt)
+              micro_batch=micro, warmup=warmup, bf16=bf16, answer_format=fmt, verbose=not quick)
     runs = {m: [] for m in methods}
 
     def do(m, lr, seed):
@@ -827,10 +872,7 @@ def commonsense_main(args, fixed: dict) -> int:
     if partial.exists():
         partial.unlink()
     cs_plot(result, out.with_suffix(".png"))
-    m = result["machine"]
-    print(f"\n### {result['settings']['model']}, commonsense mix: {steps} steps x {micro} x {max_length} tokens, "
-          f"{seeds} seed(s), format {fmt!r}; {m['date']}, {common.load_note(m['load_avg_1m'], m['cpu_cores'])}, "
-          f"{result['wall_s'] / 60:.1f} min\n")
+    print("\n" + cs_header(result) + "\n")
     print(cs_table(result))
     print(f"\nwrote {out}")
     return 0
