@@ -11,14 +11,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from helpers import MODEL_DIR, ROOT as REPO, write_config
 from propulsion_ds.config import ConfigError, RunConfig
 from propulsion_ds.config.load import apply_overrides, config_from_dict, config_to_dict, load_config
 from propulsion_ds.config.paths import expand_data_paths
 from propulsion_ds.config.deepspeed import resolve_deepspeed
 
-REPO = Path(__file__).resolve().parents[1]
 # Absolute: paths written in a config file resolve against that file's directory (tmp_path here).
-MODEL = str(REPO / "assets/stories260K")
+MODEL = str(MODEL_DIR)
 TEXT = str(REPO / "assets/data/tinyshakespeare.txt")
 ZERO3 = str(REPO / "configs/deepspeed/zero3.json")
 
@@ -45,9 +45,7 @@ def valid_raw() -> dict:
 
 
 def write(tmp_path: Path, raw, name: str = "run.json") -> Path:
-    path = tmp_path / name
-    path.write_text(json.dumps(raw, indent=2))
-    return path
+    return write_config(tmp_path / name, raw)
 
 
 def assert_one_line_error(excinfo, *needles: str) -> str:

@@ -7,13 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from helpers import MODEL_DIR, ROOT as REPO, write_config
 from propulsion_ds.config import ConfigError
 from propulsion_ds.config.paths import expand_data_paths
 from propulsion_ds.config.load import load_config
 from propulsion_ds.errors import DataError
 from propulsion_ds.data.files import load_raw, resolve_files
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _rows(path: Path, *texts: str) -> str:
@@ -23,12 +22,10 @@ def _rows(path: Path, *texts: str) -> str:
 
 
 def _config(tmp_path: Path, train) -> Path:
-    raw = {"model": {"name_or_path": str(REPO / "assets/stories260K")},
+    raw = {"model": {"name_or_path": str(MODEL_DIR)},
            "data": {"train": train, "max_length": 64}, "train": {"max_steps": 1},
            "output_dir": str(tmp_path / "out"), "deepspeed": str(REPO / "configs/deepspeed/zero3.json")}
-    path = tmp_path / "run.json"
-    path.write_text(json.dumps(raw))
-    return path
+    return write_config(tmp_path / "run.json", raw)
 
 
 def test_nested_directory_is_validated_and_loaded_alike(tmp_path):

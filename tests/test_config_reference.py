@@ -2,15 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from helpers import ROOT, run_cli
 from propulsion_ds.config import reference, schema
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_readme_holds_the_generated_reference():
@@ -53,7 +49,6 @@ def test_replace_block_round_trips_and_needs_markers():
 
 
 def test_launch_entry_prints_the_table():
-    proc = subprocess.run([sys.executable, "launch/config_reference.py"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    proc = run_cli("config_reference", timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == reference.markdown()

@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+import helpers
 from propulsion_ds.config import DataConfig
 from propulsion_ds.data import (
     ALPACA_TEMPLATE, ALPACA_TEMPLATE_NO_INPUT, IGNORE_INDEX, DataError, batches_per_epoch,
@@ -19,10 +20,10 @@ from propulsion_ds.data import (
     document_lengths, resolve_files,
 )
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(helpers.ROOT)
 SHAKESPEARE = os.path.join(ROOT, "assets", "data", "tinyshakespeare.txt")
 SELF_INSTRUCT = os.path.join(ROOT, "assets", "data", "self_instruct.jsonl")
-MODEL_DIR = os.path.join(ROOT, "assets", "stories260K")
+MODEL_DIR = str(helpers.MODEL_DIR)
 
 datasets.disable_progress_bars()
 

@@ -9,20 +9,18 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from helpers import ROOT, run_train, tail
+from helpers import MODEL_DIR, ROOT, run_train, tail
 from propulsion_ds import data
 from propulsion_ds.train import gen_eval
 from propulsion_ds.config import DataConfig, EvalConfig
 from propulsion_ds.model import load_tokenizer
 from propulsion_ds.method.propulsion import DELTA_NAME, PropulsionConfig, inject
 
-MODEL_DIR = ROOT / "assets" / "stories260K"
 GSM8K = ROOT / "assets" / "data" / "gsm8k_sample.jsonl"
 PROBE = ROOT / "tests" / "gen_eval_probe.py"
 PERIOD = 426            # stories260K's "." piece: a stop token that ends rows at different steps

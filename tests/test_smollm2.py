@@ -15,15 +15,14 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import (ROOT, free_port, kill_group, read_metrics, run_train, start_train, tail,
-                     train_env, train_records, wait_for)
+from helpers import (ROOT, free_port, kill_group, read_metrics, run_cli, run_train, start_train,
+                     tail, train_records, wait_for, write_config)
 
 pytestmark = [pytest.mark.slow, pytest.mark.smollm2]
 
@@ -111,7 +110,7 @@ def workdir(tmp_path_factory, smollm2_dir, tokenizer) -> Path:
         "output_dir": str(wd / "full"),
         "deepspeed": str(ROOT / "configs" / "deepspeed" / "zero3.json"),
     }
-    (wd / "config.json").write_text(json.dumps(cfg, indent=1))
+    write_config(wd / "config.json", cfg)
     return wd
 
 
@@ -284,9 +283,8 @@ def _base_plus_adapter(model_dir, adapter_dir):
 def test_generate_with_adapter(smollm2_dir, tokenizer, full_run):
     adapter = full_run["out"] / "adapter"
     prompt = render(tokenizer, [{"role": "user", "content": "What is the capital of France?"}], True)
-    r = subprocess.run([sys.executable, str(ROOT / "launch" / "generate.py"), "--model", str(smollm2_dir),
-                        "--adapter", str(adapter), "--prompt", prompt, "--max-new-tokens", "12"],
-                       capture_output=True, text=True, env=train_env(), cwd=ROOT, timeout=300)
+    r = run_cli("generate", "--model", smollm2_dir, "--adapter", adapter, "--prompt", prompt,
+                "--max-new-tokens", "12")
     assert r.returncode == 0, tail(r.stderr)
     model = _base_plus_adapter(smollm2_dir, adapter)
     ids = tokenizer(prompt, return_tensors="pt")
@@ -302,9 +300,8 @@ def test_merge_to_plain_transformers_directory(smollm2_dir, tokenizer, full_run,
     from transformers import AutoModelForCausalLM
 
     adapter, merged = full_run["out"] / "adapter", workdir / "merged"
-    r = subprocess.run([sys.executable, str(ROOT / "launch" / "merge.py"), "--base", str(smollm2_dir),
-                        "--adapter", str(adapter), "--out", str(merged), "--no-verify", "--no-progress"],
-                       capture_output=True, text=True, env=train_env(), cwd=ROOT, timeout=600)
+    r = run_cli("merge", "--base", smollm2_dir, "--adapter", adapter, "--out", merged, "--no-verify",
+                "--no-progress", timeout=600)
     assert r.returncode == 0, tail(r.stderr)
     assert not (merged / "propulsion_config.json").exists()
     plain = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
