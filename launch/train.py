@@ -193,6 +193,7 @@ def finish(code: int, message: str | None, cfg=None) -> int:
     else:
         from propulsion_ds import distributed as dist
 
+        dist.announce_exit(code, message)   # a rank failing alone: its peers leave with its code
         rank, store = _post_error(message)
         if message:
             _print_error(message, rank, store)

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import os
 import re
 import subprocess
 import sys
+import threading
 import time
 
 import torch
@@ -112,6 +114,7 @@ def init_distributed(timeout_minutes: float = 30.0) -> None:
         os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
     deepspeed.init_distributed(auto_mpi_discovery=mpi, verbose=False,
                                timeout=datetime.timedelta(minutes=timeout_minutes))
+    watch_peers()
     if torch.cuda.is_available():
         torch.cuda.set_device(local_device_index(int(os.environ.get("LOCAL_RANK", "0")),
                                                  torch.cuda.device_count()))
@@ -212,6 +215,8 @@ def shutdown(timeout_s: float = 60.0) -> bool:
     """
     if not torch.distributed.is_initialized():
         return True
+    if _watch is not None:
+        _watch.exiting.set()     # the orderly end: a peer's failure no longer makes this rank leave
     world = torch.distributed.get_world_size()
     if world == 1:
         torch.distributed.destroy_process_group()
@@ -226,10 +231,17 @@ def shutdown(timeout_s: float = 60.0) -> bool:
         return True
     deadline = time.monotonic() + timeout_s
     try:
-        store.set_timeout(datetime.timedelta(seconds=max(timeout_s, 1.0)))
         if store.add(_ARRIVED, 1) == world:
             store.set(_ALL, "1")
-        store.wait([_ALL])
+        # in short waits: the ranks that left on a peer's failure (their watch) never arrive
+        store.set_timeout(datetime.timedelta(seconds=1.0))
+        while True:
+            try:
+                store.wait([_ALL])
+                break
+            except Exception:  # noqa: BLE001 - not yet
+                if time.monotonic() >= deadline or _peers_gone(int(store.add(_ARRIVED, 0)), world):
+                    raise
     except Exception as e:  # noqa: BLE001 - timeout, or the store's host is gone
         log.debug("final barrier: %s", e)
         return False
@@ -273,3 +285,123 @@ def mpi_abort(code: int) -> None:
     MPI = sys.modules.get("mpi4py.MPI")
     if MPI is not None and MPI.Is_initialized() and not MPI.Is_finalized():
         MPI.COMM_WORLD.Abort(code)
+
+
+# ------------------------------------------------------------------------------ a failed peer
+# A rank that fails alone (bad data on one node) leaves through launch/train.py's finish(); its
+# peers are waiting in a collective that would only give up after distributed.timeout_minutes
+# (or the patient barrier's hours). So the failing rank posts its exit code in the rendezvous
+# store, and every rank runs a thread that polls for it and leaves with the same code.
+_FAILED, _GONE = "propulsion_ds/failed", "propulsion_ds/exit/gone"
+POLL_S = 0.5
+GRACE_S = 5.0      # time a rank that saw a peer's failure gives its own main thread to reach finish()
+
+
+class _PeerWatch:
+    """The polling thread and this rank's own store clients (one per thread: a client's
+    ``wait`` holds the connection, so the thread never shares the main thread's)."""
+
+    def __init__(self, rank: int, world: int):
+        self.rank, self.world = rank, world
+        self.exiting = threading.Event()    # this rank reached its own end (finish / excepthook)
+        self.main = _store_client()         # announce_exit and shutdown, from the main thread
+        self.thread = threading.Thread(target=self._run, name="propulsion-peer-watch", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            store = _store_client()
+        except Exception as e:  # noqa: BLE001 - no store to watch: the collective timeout still bounds a hang
+            log.debug("peer watch: no store client: %s", e)
+            return
+        while not self.exiting.wait(POLL_S):
+            try:
+                if not store.check([_FAILED]):
+                    continue
+                failure = json.loads(store.get(_FAILED).decode())
+            except Exception as e:  # noqa: BLE001 - the store's host left: nothing to watch any more
+                log.debug("peer watch stopped: %s", e)
+                return
+            if failure["rank"] == self.rank:
+                return
+            # A failure every rank raised together (an agreed error) brings this rank to finish()
+            # within moments: only a rank still elsewhere after the grace leaves from here.
+            if self.exiting.wait(GRACE_S):
+                return
+            if self.rank == 0:
+                log.warning("rank %d failed (exit %d, its error line says why); stopping this rank too",
+                            failure["rank"], failure["code"])
+            try:
+                store.add(_GONE, 1)
+            except Exception:  # noqa: BLE001 - leaving anyway
+                pass
+            _leave(int(failure["code"]))
+
+
+_watch: _PeerWatch | None = None
+
+
+def _store_client():
+    """A client of the rendezvous store (MASTER_ADDR:MASTER_PORT) of its own."""
+    return torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                      is_master=False, timeout=datetime.timedelta(seconds=30),
+                                      wait_for_workers=False)
+
+
+def _leave(code: int) -> None:
+    """Exit now, from any thread, without Python's teardown (the process group is in use by the
+    main thread); under mpirun end the whole job with ``code`` (MPI_Abort)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    mpi_abort(code)
+    os._exit(code)
+
+
+def watch_peers() -> bool:
+    """Start watching for a peer's failure (after the process group formed; once). True when the
+    watch runs: several ranks and a reachable rendezvous store."""
+    global _watch
+    if _watch is not None or not torch.distributed.is_initialized() or world_size() == 1:
+        return _watch is not None
+    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        return False
+    try:
+        _watch = _PeerWatch(rank(), world_size())
+    except Exception as e:  # noqa: BLE001 - the collective timeout still bounds a hang
+        log.debug("peer watch not started: %s", e)
+        return False
+    _watch.thread.start()
+    previous = sys.excepthook
+
+    def excepthook(kind, value, tb):   # a crash (a bug, not a PropulsionError) tells the peers too
+        announce_exit(1, f"{kind.__name__}: {value}")
+        previous(kind, value, tb)
+
+    sys.excepthook = excepthook
+    return True
+
+
+def announce_exit(code: int, message: str | None = None) -> None:
+    """This rank is ending with ``code``: stop watching, and unless ``code`` is 0 tell the other
+    ranks, whose watch makes them leave with the same code within seconds (the first failure
+    posted wins). Call it first thing when the run ends on this rank, before any barrier."""
+    w = _watch
+    if w is None:
+        return
+    w.exiting.set()
+    if code == 0:
+        return
+    payload = json.dumps({"rank": w.rank, "code": int(code), "message": (message or "")[:500]})
+    try:
+        w.main.compare_set(_FAILED, "", payload)
+    except Exception as e:  # noqa: BLE001 - the peers fall back to their collective timeout
+        log.debug("could not post this rank's failure: %s", e)
+
+
+def _peers_gone(arrived: int, world: int) -> bool:
+    """True when every rank that did not arrive at the final barrier left through its watch."""
+    if _watch is None:
+        return False
+    try:
+        return arrived + int(_watch.main.add(_GONE, 0)) >= world
+    except Exception:  # noqa: BLE001
+        return False

@@ -92,3 +92,41 @@ def test_shutdown_returns_false_when_a_rank_never_arrives():
     assert res[0]["ok"] is False and res[0]["initialized"], res
     assert 2.5 < res[0]["seconds"] < 10, res
     assert time.monotonic() - t0 < 60
+
+
+# ------------------------------------------------------------------------------ a rank that fails
+def test_a_rank_failing_alone_stops_its_peer_with_the_same_code(tmp_path):
+    """Two real trainer processes (env:// on a free port, gloo). Rank 1's data file is not text:
+    it fails with exit 2 after the process group formed, while rank 0, whose data is good, goes on
+    into the model's collectives and waits there for rank 1. distributed.timeout_minutes is 30, so
+    without the failure marker rank 0 would wait for rank 1's final barrier (60 s) and then report
+    a lost peer (exit 1). With it, both leave with rank 1's code, well inside the test's timeout."""
+    from helpers import kill_group, small_text_file
+
+    good = small_text_file(tmp_path / "good.txt", 20_000)
+    bad = tmp_path / "binary.txt"
+    bad.write_bytes(b"\xff\xfe\x00 not text")
+    port = free_port()
+    procs = []
+    for r, data in ((0, good), (1, bad)):
+        args = ["--config", "configs/tiny.json", "--set", "train.max_steps=2", "--set", f"data.train={data}",
+                "--set", "distributed.timeout_minutes=30", "--set", f"data.cache_dir={tmp_path / 'cache'}",
+                "--set", f"output_dir={tmp_path / 'out'}"]
+        procs.append(subprocess.Popen(
+            [sys.executable, str(ROOT / "launch" / "train.py"), *args], cwd=ROOT, start_new_session=True,
+            env=train_env({"RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r),
+                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=150)     # far below the 30 min collective timeout
+            results.append((p.returncode, err))
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            kill_group(p)
+        raise AssertionError("a rank waited for the collective timeout") from None
+    (code0, err0), (code1, err1) = results
+    assert code1 == 2 and f"{bad}: not UTF-8 text" in err1, err1[-3000:]
+    assert code0 == 2, err0[-3000:]                      # the failed rank's code, not a lost peer (1)
+    assert "lost contact" not in err0 and "rank 1 failed (exit 2" in err0, err0[-3000:]
