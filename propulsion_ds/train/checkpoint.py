@@ -117,7 +117,8 @@ class _Save:
             f"; the previous checkpoint {self.root / f'step_{prev}'} is intact: resume from it with --resume")
 
 
-def save(engine, root, step: int, client_state: dict, keep_last: int, fingerprint: dict) -> Path:
+def save(engine, root, step: int, client_state: dict, keep_last: int, fingerprint: dict,
+         extra: dict | None = None) -> Path:
     """Collective: every rank calls it. Returns the final directory.
 
     Raises CheckpointError on every rank if any rank could not write its part; the previous
@@ -131,7 +132,7 @@ def save(engine, root, step: int, client_state: dict, keep_last: int, fingerprin
     """
     s = _Save(Path(root), step)
     collective.rank0_write(lambda: _prepare(s), s.what, s.root, s.after)
-    _write_parts(s, engine, client_state)
+    _write_parts(s, engine, client_state, extra or {})
     collective.rank0_write(lambda: _publish(s, keep_last, fingerprint), s.what, s.root, s.after,
                            catch=(Exception,))
     return s.final
@@ -142,8 +143,9 @@ def _prepare(s: _Save) -> None:
     s.partial.mkdir(parents=True, exist_ok=True)
 
 
-def _write_parts(s: _Save, engine, client_state: dict) -> None:
-    """Collective: every rank writes its DeepSpeed files and RNG state into ``s.work``."""
+def _write_parts(s: _Save, engine, client_state: dict, extra: dict | None = None) -> None:
+    """Collective: every rank writes its DeepSpeed files and RNG state into ``s.work``; rank 0
+    also each of ``extra`` ({file name: writer(path)})."""
     error = None
     try:
         engine.save_checkpoint(str(s.partial), tag=s.tag, client_state=client_state,
@@ -162,6 +164,9 @@ def _write_parts(s: _Save, engine, client_state: dict) -> None:
     if error is None:
         try:
             torch.save(rng_state(), s.work / f"rng_rank{dist.rank()}.pt")
+            if dist.rank() == 0:
+                for name, writer in (extra or {}).items():
+                    writer(s.work / name)
         except Exception as e:  # noqa: BLE001
             error = e
     try:
@@ -267,10 +272,13 @@ def verify_files(root, step: int) -> None:
         safe_torch_load(f)
 
 
-def check_files(root: Path, step: int) -> Path:
-    """This rank's part of checkpoint ``step`` parses safely; returns its RNG file."""
+def check_files(root: Path, step: int, own_rng: bool = True) -> Path:
+    """This rank's part of checkpoint ``step`` parses safely; returns its RNG file. Without
+    ``own_rng`` (an elastic resume on more ranks than wrote it) a rank may take rank 0's."""
     verify_files(root, step)
     rng_file = root / f"step_{step}" / f"rng_rank{dist.rank()}.pt"
+    if not own_rng and not rng_file.is_file():
+        rng_file = rng_file.with_name("rng_rank0.pt")
     if not rng_file.is_file():
         raise CheckpointError(f"checkpoint {rng_file.parent} lacks {rng_file.name}")
     return rng_file
