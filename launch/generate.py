@@ -3,6 +3,12 @@
     python launch/generate.py --model assets/stories260K --adapter out/tiny/adapter \
         --prompt "Once upon a time" --max-new-tokens 60 [--sample --temperature 0.8 --top-p 0.9]
 
+Prompts are rendered as the adapter was trained (its config's "prompt" entry, else the run's
+config.json beside the adapter directory): ``instruction`` data puts each prompt in the run's
+template (default Alpaca) and prepends BOS, as training does; ``chat`` data applies the tokenizer's
+chat template with a generation prompt; ``text`` data and adapters without the entry (older
+ones) take the prompt as it is. ``--raw`` always takes it as it is. One line on stderr says which.
+
 Runs on the GPU when one is present (``--device auto``: cuda if available, else cpu) and in the
 model's own dtype (``--dtype auto``: the checkpoint's ``dtype`` in config.json, e.g. bf16, on a
 CPU too; ``--dtype fp32`` to upcast). Tokens are
@@ -32,6 +38,8 @@ def parse_args(argv=None):
                    help="default: the checkpoint's own dtype")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     p.add_argument("--no-stream", action="store_true", help="print each completion once it is done")
+    p.add_argument("--raw", action="store_true",
+                   help="feed the prompt as it is, without the adapter's training template")
     return p.parse_args(argv)
 
 
@@ -47,6 +55,40 @@ def pick_device(name: str):
     if device.type == "cuda" and not torch.cuda.is_available():
         fail("--device: cuda requested but no GPU is available")
     return device
+
+
+def prompt_format(adapter_dir) -> dict | None:
+    """How the adapter's training rendered prompts: ``{"format", "template"}``, or None (unknown)."""
+    import json
+
+    from propulsion_ds.method.adapter import read_adapter_config
+
+    meta = read_adapter_config(adapter_dir)
+    if isinstance(meta.get("prompt"), dict):
+        return meta["prompt"]
+    run_config = os.path.join(os.path.dirname(os.path.abspath(adapter_dir)), "config.json")
+    try:   # an adapter written before the entry existed: the run's config beside it
+        with open(run_config) as f:
+            data = json.load(f).get("data", {})
+        return {"format": data.get("format", "text"), "template": data.get("template")}
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def prompt_ids(tok, prompt: str, fmt: dict | None) -> tuple[list, str]:
+    """The token ids the model sees for ``prompt`` and a word on how they were made."""
+    from propulsion_ds.data.tokens import render_prompt
+
+    kind = (fmt or {}).get("format")
+    if kind == "instruction":
+        text = render_prompt(prompt, "", fmt.get("template"), where="--prompt")
+        head = [tok.bos_token_id] if tok.bos_token_id is not None else []
+        return head + tok(text, add_special_tokens=False)["input_ids"], "the run's instruction template"
+    if kind == "chat" and getattr(tok, "chat_template", None):
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                       add_generation_prompt=True)
+        return tok(text, add_special_tokens=False)["input_ids"], "the chat template"
+    return tok(prompt)["input_ids"], "the prompt as it is"
 
 
 def main(argv=None) -> int:
@@ -68,17 +110,26 @@ def main(argv=None) -> int:
     tok = load_tokenizer(args.model)
     dtype = "auto" if args.dtype == "auto" else DTYPES[args.dtype]
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).eval()
+    fmt = None
     if args.adapter:
         try:
             load_adapter(model, args.adapter)        # z and, with train_bias, the trained biases
+            fmt = None if args.raw else prompt_format(args.adapter)
         except AdapterError as e:
             fail(str(e))
     model.to(device)
     print(f"generating on {device} in {str(model.dtype).replace('torch.', '')}"
           f"{' with adapter ' + args.adapter if args.adapter else ''}", file=sys.stderr, flush=True)
     torch.manual_seed(args.seed)
+    from propulsion_ds.errors import DataError
     for prompt in args.prompt:
-        ids = tok(prompt, return_tensors="pt").to(device)
+        try:
+            ids, how = prompt_ids(tok, prompt, fmt)
+        except DataError as e:
+            fail(str(e))
+        print(f"prompt: {how}", file=sys.stderr, flush=True)
+        ids = {"input_ids": torch.tensor([ids], device=device)}
+        ids["attention_mask"] = torch.ones_like(ids["input_ids"])
         streamer = None if args.no_stream else TextStreamer(tok, skip_special_tokens=True)
         with torch.no_grad():
             out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=args.sample,

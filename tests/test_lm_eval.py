@@ -53,6 +53,9 @@ def trained(tmp_path_factory):
     (tmp / "cfg.json").write_text(json.dumps(cfg))
     proc = run_train(["--config", tmp / "cfg.json"], nproc=1, timeout=900)
     assert proc.returncode == 0, tail(proc.stderr)
+    # the adapter keeps how its prompts were rendered (launch/generate.py applies it)
+    meta = json.loads((tmp / "out" / "adapter" / "propulsion_config.json").read_text())
+    assert meta["prompt"] == {"format": "instruction", "template": None}
     proc = run_cli("export", "--adapter", tmp / "out" / "adapter", "--to", "peft", "--out", tmp / "peft")
     assert proc.returncode == 0, tail(proc.stderr)
     proc = run_cli("merge", "--base", MODEL_DIR, "--adapter", tmp / "out" / "adapter", "--out", tmp / "merged",

@@ -132,12 +132,15 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def save_adapter(model: nn.Module, directory, delta: torch.Tensor | None = None,
-                 biases: dict | None = None) -> Path:
+                 biases: dict | None = None, prompt: dict | None = None) -> Path:
     """Write propulsion.safetensors and propulsion_config.json (only rank 0 writes).
 
     Without ``delta`` every rank calls it (ZeRO-3 gathers). With ``delta`` (DeepSpeed's fp32
     master, gathered by the caller) it runs no collective and may run on rank 0 alone; with
     ``train_bias`` under ZeRO-3 pass ``biases=trained_biases(model)`` (gathered on every rank) too.
+    ``prompt`` (``{"format": data.format, "template": data.template}``) is kept as the config's
+    "prompt" entry, so inference renders prompts as training did (launch/generate.py); readers
+    treat a config without it (older adapters) as raw text.
     """
     from safetensors.torch import save_file
 
@@ -154,6 +157,8 @@ def save_adapter(model: nn.Module, directory, delta: torch.Tensor | None = None,
             "targets": {s.name: s.size for s in state.slots},
             "biases": {k[:-len(BIAS_SUFFIX)]: sd[k].numel() for k in sd if k.endswith(BIAS_SUFFIX)},
         }
+        if prompt is not None:
+            meta["prompt"] = dict(prompt)
         _atomic_write(directory / WEIGHTS_FILE,
                       lambda p: save_file({k: v.contiguous() for k, v in sd.items()}, str(p),
                                           metadata={"format": "pt", "format_version": str(FORMAT_VERSION)}))
