@@ -31,7 +31,8 @@ from propulsion_ds.fsutil import move_aside, write_text_atomic
 from propulsion_ds.method.gather import gathered, trained_biases
 from propulsion_ds.method.adapter import save_adapter
 from propulsion_ds.method.propulsion import DELTA_NAME
-from propulsion_ds.train import checkpoint, outdir_lock
+from propulsion_ds.train import checkpoint, elastic, outdir_lock
+from propulsion_ds.train.safe_load import safe_torch_load
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class Checkpointer:
         self.every, self.keep_last = cfg.checkpoint.every_steps, cfg.checkpoint.keep_last
         self.resume_step: int | None = None
         self.lock: outdir_lock.Lock | None = None
+        self.elastic = False            # resuming on another world size or split: from elastic.safetensors
         self.engine = self.model = self.state = None
         self.fingerprint: dict = {}
         self.changes: dict = {}         # {setting: (old, new)} a resume changes, for the engine to apply
@@ -132,6 +134,7 @@ class Checkpointer:
         restricted unpickler; checked before anything in output_dir is touched."""
         if self.resume_step is not None:
             check_resumable(self.root, self.resume_step, fingerprint)
+            self.elastic = is_elastic(checkpoint.read_meta(self.root, self.resume_step), fingerprint)
 
     def prepare(self, max_steps: int) -> None:
         """Collective, after every rank has decided resume-or-not: rank 0 clears or tidies."""
@@ -168,9 +171,28 @@ class Checkpointer:
         step = self.resume_step
         check_fingerprint(self.root, step, self.fingerprint)
         self.changes = applied_changes(self.root, step, self.fingerprint)
-        self.state.load_state_dict(checkpoint.load(self.engine, self.root, step))
+        if self.elastic:
+            self.state.load_state_dict(self._load_elastic(step))
+        else:
+            self.state.load_state_dict(checkpoint.load(self.engine, self.root, step))
         log.info("resumed from %s at step %d", self.root / f"step_{step}", step)
         return step
+
+    def _load_elastic(self, step: int) -> dict:
+        """Collective: the world-size-independent state into this world's partitions."""
+        where = self.root / f"step_{step}"
+        old = _split(checkpoint.read_meta(self.root, step))
+        error = loaded = None
+        try:
+            rng_file = checkpoint.check_files(self.root, step, own_rng=False)
+            loaded = elastic.read(where / elastic.FILE)
+        except CheckpointError as e:
+            error = e
+        agree_as_is(error)
+        log.info("elastic resume: checkpoint written as %s, this run is %s", _show(old), _show(_split(self.fingerprint)))
+        trainer = elastic.load(self.engine, self.model, *loaded)
+        checkpoint.set_rng_state(safe_torch_load(rng_file))
+        return trainer
 
     # ------------------------------------------------------------------ during the run
     def save(self, step: int, last_step: bool = False, force: bool = False) -> bool:
@@ -185,7 +207,10 @@ class Checkpointer:
         if not (force or last_step or step % self.every == 0):
             return False
         self._before_save()
-        checkpoint.save(self.engine, self.root, step, self.state.state_dict(), self.keep_last, self.fingerprint)
+        state = self.state.state_dict()
+        tensors, meta = elastic.gather(self.engine, self.model, state)       # collective
+        checkpoint.save(self.engine, self.root, step, state, self.keep_last, self.fingerprint,
+                        extra={elastic.FILE: lambda path: elastic.write(path, tensors, meta)})
         self.write_adapter(step)
         return True
 
@@ -236,6 +261,8 @@ def _is_run_config(path: Path) -> bool:
 # A resume may change these on purpose: they take effect from the resumed step, logged once.
 SETTINGS = ("train.lr", "train.weight_decay", "train.max_grad_norm", "train.max_steps", "train.epochs",
             "train.schedule", "train.warmup_steps", "eval.every_steps", "checkpoint.every_steps")
+# Applied and logged by the engine wrapper itself (DSEngine.apply_settings), from what it restored.
+ENGINE_LOGS = ("train.lr", "train.weight_decay", "train.max_grad_norm")
 # How one global batch is split: any split of the same global batch resumes (elastic).
 SPLIT = ("train.micro_batch_size", "train.gradient_accumulation_steps", "world_size")
 GLOBAL_BATCH = "train.global_batch"
@@ -297,8 +324,15 @@ def applied_changes(root, step: int, fingerprint: dict) -> dict:
     new = fingerprint.get("settings") or {}
     changes = {k: (old[k], new[k]) for k in SETTINGS if k in old and k in new and old[k] != new[k]}
     for key, (a, b) in changes.items():
-        log.info("step %d: %s %s -> %s", step, key, a, b)
+        if key not in ENGINE_LOGS:
+            log.info("step %d: %s %s -> %s", step, key, a, b)
     return changes
+
+
+def is_elastic(meta: dict, fingerprint: dict) -> bool:
+    """Whether checkpoint ``meta`` was written by another world size or split than this run's."""
+    old, new = _split(meta), _split(fingerprint)
+    return None not in old.values() and None not in new.values() and old != new
 
 
 def _split(meta: dict) -> dict:
@@ -347,11 +381,14 @@ def _file_hash(path: str, size: int, mtime_ns: int) -> str:
 def check_resumable(root, step: int, fingerprint: dict) -> None:
     """Collective: raise the same CheckpointError on every rank unless checkpoint ``step`` was
     written for this model, these Propulsion settings and this trajectory, and every file in it
-    parses with the restricted unpickler."""
+    parses with the restricted unpickler (and, written by another split, holds the elastic state)."""
     error = None
     try:
         check_fingerprint(root, step, fingerprint)
-        checkpoint.check_files(Path(root), step)
+        is_other_split = is_elastic(checkpoint.read_meta(root, step), fingerprint)
+        checkpoint.check_files(Path(root), step, own_rng=not is_other_split)
+        if is_other_split and not (Path(root) / f"step_{step}" / elastic.FILE).is_file():
+            elastic.read(Path(root) / f"step_{step}" / elastic.FILE)          # raises, saying why
     except CheckpointError as e:
         error = e
     agree_as_is(error)
