@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up propulsion-ds in the current Python environment (activate a venv first if you use one).
 #   bash scripts/install.sh          # the trainer and the tools the README uses (peft, gguf)
-#   bash scripts/install.sh --dev    # + test/bench tools, and the MPI and SLURM packages the tests use
+#   bash scripts/install.sh --dev    # + test/bench tools, lm-eval (the eval extra), and the MPI and SLURM packages the tests use
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dev=0; [ "${1:-}" = "--dev" ] && dev=1
@@ -23,6 +23,6 @@ apt_install libopenmpi-dev openmpi-bin
 
 # torch first and pinned: an unpinned torch pulls a multi-GB CUDA build on CPU machines.
 python -m pip install -q torch==2.13.0
-extras=""; [ $dev = 1 ] && extras="[dev]"
+extras=""; [ $dev = 1 ] && extras="[dev,eval]"   # the tests run lm-eval on the shipped tasks
 DS_BUILD_OPS=0 python -m pip install -q -e ".${extras}"
-echo "install.sh: propulsion-ds installed$([ $dev = 1 ] && echo ' with dev extras')"
+echo "install.sh: propulsion-ds installed$([ $dev = 1 ] && echo ' with dev and eval extras')"

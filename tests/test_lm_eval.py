@@ -15,7 +15,6 @@ import pytest
 from helpers import MODEL_DIR, ROOT, read_metrics, run_cli, run_train, tail, train_env
 
 pytestmark = pytest.mark.slow
-pytest.importorskip("lm_eval")
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "commonsense"
 TASKS = ("boolq", "arc_easy", "arc_challenge", "openbookqa")
