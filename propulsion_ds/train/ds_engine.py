@@ -122,20 +122,22 @@ class DSEngine:
         self._grad_norm = None
         self.lr = float(train_cfg.lr)
 
-    def apply_settings(self, train_cfg, max_steps: int, step: int) -> list[str]:
+    def apply_settings(self, train_cfg, max_steps: int, step: int, previous: dict | None = None) -> list[str]:
         """After a checkpoint is loaded at ``step``: the current lr, weight_decay, max_grad_norm and
         schedule (over ``max_steps``) take effect from this update on, the next one's LR being
         lr * f(step) of the new schedule. DeepSpeed restored the checkpoint's param groups (their lr
         is the old schedule's last value, 0 at the end of a decay), the scheduler's base LR and,
         under ZeRO-1/2 and bf16, its clipping. Returns the changed values, as "train.lr 0.001 ->
-        0.0001"."""
+        0.0001": the old value is ``previous``'s (the checkpoint's recorded settings) where given,
+        else the restored one (ZeRO-3 and ZeRO-0 in fp32 clip with the current config's value)."""
         sched, groups, wrapper = self.engine.lr_scheduler, self.optimizer.param_groups, self.engine.optimizer
-        old = {"train.lr": float(sched.base_lrs[0]), "train.weight_decay": float(groups[0]["weight_decay"])}
-        new = {"train.lr": float(train_cfg.lr), "train.weight_decay": float(train_cfg.weight_decay)}
+        new = {"train.lr": float(train_cfg.lr), "train.weight_decay": float(train_cfg.weight_decay),
+               "train.max_grad_norm": float(train_cfg.max_grad_norm)}
+        old = {"train.lr": float(sched.base_lrs[0]), "train.weight_decay": float(groups[0]["weight_decay"]),
+               "train.max_grad_norm": float(getattr(wrapper, "clip_grad", new["train.max_grad_norm"]))}
+        old.update({k: float(v) for k, v in (previous or {}).items() if k in old and v is not None})
         if hasattr(wrapper, "clip_grad"):
-            old["train.max_grad_norm"] = float(wrapper.clip_grad)
-            new["train.max_grad_norm"] = float(train_cfg.max_grad_norm)
-            wrapper.clip_grad = float(train_cfg.max_grad_norm)
+            wrapper.clip_grad = new["train.max_grad_norm"]
         schedule = lr_lambda(train_cfg.schedule, train_cfg.warmup_steps, max_steps)
         sched.lr_lambdas = [schedule] * len(groups)
         sched.base_lrs = [new["train.lr"]] * len(groups)

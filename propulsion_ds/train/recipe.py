@@ -262,7 +262,8 @@ class Trainer:
     def load_checkpoint(self) -> None:
         self.ckpt.load()                        # collective; calls load_state_dict
         # What a resume may change takes effect from here: DeepSpeed restored the old values.
-        for change in self.ds.apply_settings(self.cfg.train, self.max_steps, self.progress.step):
+        previous = {k: old for k, (old, _) in self.ckpt.changes.items()}
+        for change in self.ds.apply_settings(self.cfg.train, self.max_steps, self.progress.step, previous):
             log.info("step %d: %s", self.progress.step, change)
         self.sink.rewind(self.progress.step)
         dist.barrier()
