@@ -13,7 +13,9 @@
 - ``run_cli(script, *args)`` runs one of the entry points (``"train"``, ``"merge"``, ``"generate"``,
   ... under ``launch/``, or any script path) as one process with the training environment.
 - ``tiny_config(**sections)`` is ``configs/tiny.json`` with sections overridden, ``write_config``
-  writes one; ``tiny_llama(...)`` builds a small random LLaMA; ``stories260k()`` loads the real one.
+  writes one; ``tiny_llama(...)`` / ``tiny_qwen2(...)`` build small random models;
+  ``stories260k()`` loads the real one, ``save_stories260k(dir, dtype)`` writes a copy (tokenizer
+  included); ``random_adapter(model, dir)`` injects Propulsion with a random delta and saves it.
 - ``log_tail(text)`` is a subprocess log without the warning noise, to put in assertion messages.
 - ``SlurmCluster`` is a real SLURM brought up by scripts/slurm_local.sh or slurm_netns.sh (its own
   state directory and ports); ``slurm_why_skip()`` says why one cannot start here. conftest.py's
@@ -385,3 +387,43 @@ class SlurmCluster:
             time.sleep(0.5)
         self.scancel(jid)
         raise AssertionError(f"job {jid} not finished after {timeout:.0f} s: {self.job(jid)}\n{file_tail(log)}")
+
+
+def tiny_qwen2(seed: int = 0, bias_std: float = 0.1):
+    """A small random Qwen2 (q/k/v carry biases), its biases drawn from N(0, bias_std): fresh
+    biases are 0, which would make "the bias is trained/scaled too" untestable."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, use_cache=False)
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(".bias"):
+                p.normal_(0, bias_std)
+    return model
+
+
+def save_stories260k(dest, dtype=None):
+    """stories260K saved to ``dest`` in ``dtype`` with its tokenizer files; returns the model."""
+    dest = Path(dest)
+    model = stories260k(dtype)
+    model.save_pretrained(dest)
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        (dest / name).write_bytes((MODEL_DIR / name).read_bytes())
+    return model
+
+
+def random_adapter(model, directory, seed: int = 0, spread: float = 0.01, degree: int = 15, **cfg) -> Path:
+    """Inject Propulsion (``degree``, ``cfg``) into ``model``, set a random delta (N(0, spread),
+    seeded) and save the adapter to ``directory``."""
+    import torch
+    from propulsion_ds import PropulsionConfig, inject, save_adapter
+    inject(model, PropulsionConfig(degree=degree, **cfg))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        delta = model.propulsion_delta
+        delta.copy_(torch.randn(delta.shape, generator=g) * spread)
+    save_adapter(model, directory)
+    return Path(directory)

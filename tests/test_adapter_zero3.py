@@ -6,33 +6,28 @@ line instead of hanging or dropping them."""
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 
 import pytest
 import torch
 
-from helpers import run_train, tail
+from helpers import ROOT, run_train, tail
 
 pytestmark = pytest.mark.slow
 
 SCRIPT = textwrap.dedent('''
     import json, os, sys, torch, deepspeed
-    from transformers import AutoModelForCausalLM, Qwen2Config
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     from deepspeed.utils import safe_get_full_fp32_param
+    from helpers import tiny_qwen2                      # tests/ is on PYTHONPATH (see the test)
     from propulsion_ds import PropulsionConfig, inject, save_adapter
-    from propulsion_ds.method.adapter import AdapterError, trained_biases, trained_bias_params
+    from propulsion_ds.errors import AdapterError
+    from propulsion_ds.method.gather import trained_biases, trained_bias_params
     out = sys.argv[1]
     deepspeed.init_distributed(dist_backend="gloo")
     rank = torch.distributed.get_rank()
-    torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, use_cache=False)
-    model = AutoModelForCausalLM.from_config(cfg)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith(".bias"):
-                p.normal_(0, 0.1)
+    model = tiny_qwen2(seed=0, bias_std=0.1)
     if rank == 0:
         model.save_pretrained(os.path.join(out, "base"))
     inject(model, PropulsionConfig(degree=15, train_bias=True))
@@ -77,7 +72,8 @@ def test_engine_style_save_under_partitioned_zero3(tmp_path):
 
     script = tmp_path / "probe.py"
     script.write_text(SCRIPT)
-    r = run_train([tmp_path], nproc=2, script=script, timeout=600)
+    r = run_train([tmp_path], nproc=2, script=script, timeout=600,
+                  env={"PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"})
     assert r.returncode == 0, tail(r.stderr)
     res = json.loads((tmp_path / "result.json").read_text())
     assert res["partitioned"], "the biases were not partitioned: the test would not see the gather"

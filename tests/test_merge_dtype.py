@@ -10,8 +10,8 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from helpers import MODEL_DIR as STORIES, run_cli
-from propulsion_ds import PropulsionConfig, inject, load_adapter, save_adapter
+from helpers import random_adapter, run_cli, save_stories260k
+from propulsion_ds import load_adapter
 
 pytestmark = pytest.mark.slow
 IDS = torch.tensor([[1, 403, 9, 77, 310, 52, 11, 250, 4, 499, 128, 3]])
@@ -32,16 +32,9 @@ def _dtypes(directory: Path) -> set:
 @pytest.fixture(scope="module")
 def bf16(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bf16")
-    model = AutoModelForCausalLM.from_pretrained(str(STORIES), dtype=torch.bfloat16)
-    model.save_pretrained(tmp / "base")
-    for name in ("tokenizer.model", "tokenizer_config.json"):
-        (tmp / "base" / name).write_bytes((STORIES / name).read_bytes())
+    model = save_stories260k(tmp / "base", torch.bfloat16)
     assert _dtypes(tmp / "base") == {"BF16"}
-    inject(model, PropulsionConfig(degree=15))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        model.propulsion_delta.copy_(torch.randn(model.propulsion_delta.shape, generator=g) * 0.01)
-    save_adapter(model, tmp / "adapter")
+    random_adapter(model, tmp / "adapter", seed=0)
     return tmp
 
 

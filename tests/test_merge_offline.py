@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from helpers import MODEL_DIR as STORIES, run_cli, train_env
-from propulsion_ds import PropulsionConfig, inject, load_adapter, save_adapter
+from helpers import MODEL_DIR as STORIES, random_adapter, run_cli, train_env
+from propulsion_ds import load_adapter
 from propulsion_ds.errors import AdapterError
 from propulsion_ds.tools.merge_plan import INDEX_FILE
 from propulsion_ds.errors import MergeError
@@ -25,15 +25,6 @@ IDS = torch.tensor([[1, 403, 9, 77, 310, 52, 11, 250, 4, 499, 128, 3],
 
 def _cli(*args):
     return run_cli("merge", *args, timeout=180)
-
-
-def _adapter(model, directory, seed, **cfg):
-    inject(model, PropulsionConfig(degree=15, **cfg))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        d = model.propulsion_delta
-        d.copy_(torch.randn(d.shape, generator=g) * 0.01)
-    save_adapter(model, directory)
 
 
 def _reference_logits(base, adapter):
@@ -52,7 +43,7 @@ def work(tmp_path_factory):
     """stories260K (untied, embeddings + lm_head + all linears) and a tied, sharded tiny LLaMA."""
     tmp = tmp_path_factory.mktemp("merge")
     stories = AutoModelForCausalLM.from_pretrained(str(STORIES), dtype=torch.float32)
-    _adapter(stories, tmp / "stories_adapter", 1, embeddings=True, lm_head=True)
+    random_adapter(stories, tmp / "stories_adapter", 1, embeddings=True, lm_head=True)
 
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
@@ -63,7 +54,7 @@ def work(tmp_path_factory):
     tiny.save_pretrained(tmp / "tiny", max_shard_size="40KB")
     (tmp / "tiny" / "tokenizer_config.json").write_text('{"model_max_length": 64}\n')
     tiny2 = LlamaForCausalLM.from_pretrained(str(tmp / "tiny"), dtype=torch.float32)
-    _adapter(tiny2, tmp / "tiny_adapter", 2, embeddings=True, lm_head=True)
+    random_adapter(tiny2, tmp / "tiny_adapter", 2, embeddings=True, lm_head=True)
     return tmp
 
 
@@ -153,7 +144,7 @@ def test_bf16_sharded_model_verifies(work, tmp_path):
                       num_key_value_heads=4, vocab_size=256, tie_word_embeddings=False)
     LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path / "bf", max_shard_size="20KB")
     m = LlamaForCausalLM.from_pretrained(str(tmp_path / "bf"), dtype=torch.bfloat16)
-    _adapter(m, tmp_path / "ad", 4, targets="attention")
+    random_adapter(m, tmp_path / "ad", 4, targets="attention")
     res = merge(tmp_path / "bf", tmp_path / "ad", tmp_path / "out", verify=True)
     assert res.max_rel_err is not None and res.max_rel_err < 2e-2 and not res.untied
     assert all(t.dtype == torch.bfloat16 for t in _all_tensors(tmp_path / "out").values())
