@@ -208,7 +208,7 @@ def check_checkpoints(out: Path, world: int) -> int | None:
     visible = sorted(p for p in root.glob("step_*")) if root.is_dir() else []
     for d in visible:
         names = {p.name for p in d.iterdir()}
-        need = {"meta.json"} | {f"rng_rank{r}.pt" for r in range(world)} \
+        need = {"meta.json", "elastic.safetensors"} | {f"rng_rank{r}.pt" for r in range(world)} \
             | {f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in range(world) for kind in ("model", "optim")}
         assert need <= names, f"torn checkpoint visible: {d} lacks {sorted(need - names)}"
         assert json.loads((d / "meta.json").read_text())["world_size"] == world

@@ -138,12 +138,30 @@ def _set_master(p, value: torch.Tensor, key: str | None, base=None) -> None:
         flat = value.flatten()[opt._get_param_partition_rank(p) * n:][:n]
         part.data[:flat.numel()].copy_(flat.to(part.device))
     elif getattr(p, "_hp_mapping", None) is not None:    # ZeRO-1/2, bf16 optimizer
-        p.set_full_hp_param(value.to(p.device), key)
+        # Written at the fragment's address in the flat fp32 partition's state: before the first
+        # update DeepSpeed has not linked the optimizer-state fragments (set_full_hp_param fails).
+        m = p._hp_mapping
+        if m.hp_fragment_address.numel == 0:
+            return
+        flat = _owner(base, m.hp_fragment) if key is not None else None
+        dest = m.hp_fragment if key is None else base.state[flat][key].narrow(
+            0, m.hp_fragment_address.start, m.hp_fragment_address.numel)
+        dest.data.copy_(value.flatten().narrow(0, m.lp_fragment_address.start, m.lp_fragment_address.numel))
     elif key is None:                                    # ZeRO-0: the parameter is the master
         with torch.no_grad():
             p.data.copy_(value.reshape(p.shape).to(p.dtype))
     else:
         base.state[p][key].copy_(value.reshape(p.shape))
+
+
+def _owner(base, fragment: torch.Tensor) -> torch.Tensor:
+    """The optimizer's flat fp32 tensor that ``fragment`` (a view) lies in."""
+    ptr = fragment.data_ptr()
+    for group in base.param_groups:
+        for q in group["params"]:
+            if q.data_ptr() <= ptr < q.data_ptr() + q.numel() * q.element_size():
+                return q
+    raise CheckpointError("elastic resume: DeepSpeed's fp32 partition of a trainable tensor was not found")
 
 
 def _set_working_copy(p, value: torch.Tensor) -> None:
