@@ -55,11 +55,9 @@ def snapshot(path: Path | None) -> dict | None:
 
 
 def _port(i: int) -> str:
-    import socket
+    from helpers import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
+    return str(free_port())
 
 
 def run_cases(cases: list[Case], parallel: int = 2) -> None:

@@ -57,7 +57,7 @@ def test_every_split_puts_the_same_rows_into_each_update_across_epochs():
 
 
 def test_the_data_position_is_a_count_of_global_samples():
-    from propulsion_ds.data.files import DataError
+    from propulsion_ds.errors import DataError
     from propulsion_ds.train.progress import TrainingProgress
     from propulsion_ds.train.run_data import RunData, data_position
 

@@ -22,13 +22,14 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from helpers import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -42,12 +43,6 @@ PHASES = ("written", "meta", "renamed", "latest", "trash")
 
 
 # --------------------------------------------------------------------------- processes
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def env_for(**extra) -> dict:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("FAULT_")

@@ -2,15 +2,13 @@
 generate of base + adapter), in the checkpoint's own dtype, on cuda when present else cpu."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from helpers import run_cli
 from propulsion_ds import PropulsionConfig, inject, load_adapter, save_adapter
 from propulsion_ds.model import load_tokenizer
 
@@ -22,9 +20,7 @@ PROMPT = "Once upon a time"
 
 
 def _run(*args):
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, str(ROOT / "launch/generate.py"), *map(str, args)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
+    return run_cli("generate", *args)
 
 
 @pytest.fixture(scope="module")

@@ -132,9 +132,9 @@ def test_model_config_resolution(tmp_path):
 
 
 def _cli(*args):
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
-    return subprocess.run([sys.executable, str(ROOT / "launch/estimate_memory.py"), *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    from helpers import run_cli
+
+    return run_cli("estimate_memory", *args, env={"DS_ACCELERATOR": "cpu"}, timeout=120)
 
 
 def test_cli_runs():
