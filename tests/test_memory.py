@@ -4,8 +4,6 @@ import copy
 import io
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
