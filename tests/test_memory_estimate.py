@@ -51,7 +51,8 @@ def test_zero3_short_reuse_distance_keeps_only_the_tail(smollm2):
 def test_masked_attention_term():
     per = mask_bytes_per_token(128, 576, 192, 4)
     assert per == 4 * (2 * (576 - 192) + 192 + 128)
-    assert mask_bytes_per_token(128, 576, 192, 2) == 2 * (2 * (576 - 192) + 128)
+    assert mask_bytes_per_token(128, 576, 192, 2) == 2 * (2 * (576 - 192) + 192 + 128)
+    assert mask_bytes_per_token(128, 576, 192, 2, "lora") == 2 * (2 * (576 - 192) + 128)
     kw = dict(seq=128, batch=2, hidden=576, heads=9, layers=30, checkpointing=False, dtype_bytes=4, kv_dim=192,
               intermediate=1536)
     assert activation_bytes(masked=True, **kw) - activation_bytes(**kw) == 128 * 2 * 30 * per
@@ -59,8 +60,9 @@ def test_masked_attention_term():
     assert activation_bytes(masked=True, **ck) - activation_bytes(**ck) == 128 * 2 * per   # one layer recomputed
 
 
+@pytest.mark.parametrize("method", ["propulsion", "lora"])
 @pytest.mark.parametrize("dtype_bytes", [4, 2])
-def test_masked_attention_term_matches_saved_tensors(dtype_bytes):
+def test_masked_attention_term_matches_saved_tensors(dtype_bytes, method):
     """Packed rows (two documents per row, as position_ids): what one SmolLM2-shaped layer saves
     beyond the unmasked table, counted with saved_tensors_hooks."""
     import copy
@@ -78,12 +80,17 @@ def test_masked_attention_term_matches_saved_tensors(dtype_bytes):
         c.num_hidden_layers, c.use_cache, c._attn_implementation = layers, False, "sdpa"
         torch.manual_seed(0)
         m = AutoModelForCausalLM.from_config(c).requires_grad_(False)
-        inject(m, PropulsionConfig())
+        if method == "propulsion":
+            inject(m, PropulsionConfig())
+        else:
+            from peft import get_peft_model
+            from bench import common
+            m = get_peft_model(m, common.lora_config(8))
         m.to(dtype)
         counts[layers] = (_saved_bytes(m, ids), _saved_bytes(m, ids, position_ids=pos))
     plain = counts[2][0] - counts[1][0]
     masked = counts[2][1] - counts[1][1]
-    want = seq * batch * mask_bytes_per_token(seq, 576, 192, dtype_bytes)
+    want = seq * batch * mask_bytes_per_token(seq, 576, 192, dtype_bytes, method)
     assert masked - plain == pytest.approx(want, rel=0.03), (masked - plain, want)
 
 

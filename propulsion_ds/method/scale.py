@@ -55,7 +55,10 @@ class _Propel(torch.autograd.Function):
     silu(gate), up * ..., v in attention); backward recovers sum(g * y) as sum(g * y') / s. That is
     exact for any normal, finite s; a degenerate channel (|z**k| below ~1e-30, or inf/nan) gives a
     non-finite gradient, which the trainer's NaN guard turns into a skipped step, never a silent
-    wrong update. Otherwise (a bf16 y) y' is a new tensor and y is saved in its own dtype.
+    wrong update. Otherwise (a bf16 y) y' is a new bf16 tensor, saved the same way and shared the
+    same way; sum(g * y') / s then carries y' 's bf16 rounding (2**-9 relative per element, the
+    size of the rounding the incoming bf16 gradient g already has). An fp16 y saves y itself: y * s
+    could underflow to 0 in fp16's range. docs/MEMORY.md: what each choice keeps per token.
     Also saved: z = 1 + d (n x d_out, tiny), for the delta's gradient.
     """
 
@@ -68,12 +71,17 @@ class _Propel(torch.autograd.Function):
         ctx.degree, ctx.y_dtype = degree, y.dtype
         ctx.inplace = inplace = inplace and y.dtype == s.dtype
         if inplace:
+            ctx.saved_scaled = True
             ctx.mark_dirty(y)
             y.mul_(s)
             ctx.save_for_backward(y, s, z)
             return y
-        ctx.save_for_backward(y, s, z)
-        return y * s if y.dtype == s.dtype else (y.to(s.dtype) * s).to(y.dtype)
+        out = y * s if y.dtype == s.dtype else (y.to(s.dtype) * s).to(y.dtype)
+        # y' rather than y where sum(g y) = sum(g y') / s holds (fp16's narrow range could flush
+        # y * s to 0): the ops after a target keep y' anyway (v in attention, silu(gate), up * ...)
+        ctx.saved_scaled = torch.finfo(y.dtype).max > 1e38
+        ctx.save_for_backward(out if ctx.saved_scaled else y, s, z)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
@@ -90,10 +98,10 @@ class _Propel(torch.autograd.Function):
             gy = (grad * (y if y.dtype == s.dtype else y.to(s.dtype))).flatten(0, -2).sum(0)
             # d s / d z_i = k z_i**(k-1) / n; with y' = y s saved, sum(g y) = sum(g y') / s, and
             # for n = 1 z**(k-1) / s = 1 / z: grad = sum(g y') * k / z (two small kernels).
-            if ctx.inplace and n == 1:
+            if ctx.saved_scaled and n == 1:
                 grad_d = (gy * k).to(z.dtype) / z
             else:
-                if ctx.inplace:
+                if ctx.saved_scaled:
                     gy = gy / s
                 grad_d = gy.to(z.dtype) * (k * z ** (k - 1) if k > 1 else torch.ones_like(z))
                 if n > 1:

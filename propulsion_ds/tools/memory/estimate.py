@@ -24,17 +24,22 @@ the hidden size h, the K/V width d_kv = kv_heads*head_dim, the MLP width I and t
 a time; linear in each and in the sequence length (no s^2 term: SDPA keeps only the log-sum-exp
 per head). ``tests/test_memory.py`` re-counts them on the real stories260K and SmolLM2 shapes.
   method       fp32                                 bf16
-  propulsion   28h + 12 d_kv + 12 I + 4(a+2)        18h + 8 d_kv + 10 I + 4(a+2)
+  propulsion   28h + 12 d_kv + 12 I + 4(a+2)        18h + 6 d_kv +  6 I + 4(a+2)
   LoRA r       24h +  8 d_kv + 16 I + 4(a+2) + 28r  16h + 4 d_kv +  8 I + 4(a+2) + 14r
   full         32h +  8 d_kv + 16 I + 4(a+2)        20h + 4 d_kv +  8 I + 4(a+2)
-(bf16 runs keep the RMSNorms' fp32 upcasts and Propulsion's fp32 scale; a frozen base saves no
-linear inputs, but Propulsion's scale gradient needs each target's output y'.) With (full)
+(bf16 runs keep the RMSNorms' fp32 upcasts. A frozen base saves no linear inputs; Propulsion's
+scale gradient needs each target's output y', which it saves in the model dtype and which the next
+op keeps anyway for v (attention), gate (SiLU) and up (the product): only q', k', o' and down'
+(3h + d_kv) are Propulsion's own. LoRA keeps each target's input (shared by q/k/v and by gate/up,
+and o's is attention's own output) and the r-wide A outputs. What this means per model:
+docs/MEMORY.md.) With (full)
 activation checkpointing each layer keeps only its input (h per token, model dtype) and one layer
 is recomputed with all of the above. Eager attention also stores the s x s attention matrix per
 head, which this table does not count.
 Masked attention (``masked``: packed rows, whose document boundaries transformers turns into a
 mask, or padded ones): SDPA then gets K and V repeated to all heads (no GQA fast path) and the
-s x s mask, so each layer saves dtype x (2(h - d_kv) + s) more bytes per token, + 4 d_kv in fp32
+s x s mask, so each layer saves dtype x (2(h - d_kv) + s) more bytes per token, and Propulsion
+dtype x d_kv more: attention keeps the repeated V, so the v' Propulsion saves is no longer shared
 (counted the same way on SmolLM2-135M; ``tests/test_memory_estimate.py`` re-counts it).
 Logits and loss, bytes per token per vocabulary entry: the logits the caller holds (model dtype)
 + log-softmax's saved fp32 output + two fp32 gradients alive during its backward = dtype + 12.
@@ -52,7 +57,7 @@ DS_ADDITIONAL_BUFFER_FACTOR = 1.5     # DeepSpeed's estimator: host pinned buffe
 # bytes per token per decoder layer: (h, d_kv, I, per-head-and-norm, per LoRA rank) coefficients,
 # counted with saved_tensors_hooks (module docstring); keyed by (method, bytes per element).
 ACTIVATION_COEFFS = {
-    ("propulsion", 4): (28, 12, 12, 4, 0), ("propulsion", 2): (18, 8, 10, 4, 0),
+    ("propulsion", 4): (28, 12, 12, 4, 0), ("propulsion", 2): (18, 6, 6, 4, 0),
     ("lora", 4): (24, 8, 16, 4, 28), ("lora", 2): (16, 4, 8, 4, 14),
     ("full", 4): (32, 8, 16, 4, 0), ("full", 2): (20, 4, 8, 4, 0),
 }
@@ -64,10 +69,11 @@ def layer_activation_bytes_per_token(method: str, hidden: int, kv_dim: int, inte
     return ch * hidden + ckv * kv_dim + ci * intermediate + cn * (heads + 2) + cr * lora_rank
 
 
-def mask_bytes_per_token(seq: int, hidden: int, kv_dim: int, dtype_bytes: int) -> int:
-    """What masked SDPA saves on top, per token and layer: K, V repeated to all heads, the mask
-    (and, in fp32 only, one more d_kv-wide tensor: counted, not traced to its op)."""
-    return dtype_bytes * (2 * (hidden - kv_dim) + seq) + (4 * kv_dim if dtype_bytes >= 4 else 0)
+def mask_bytes_per_token(seq: int, hidden: int, kv_dim: int, dtype_bytes: int,
+                         method: str = "propulsion") -> int:
+    """What masked SDPA saves on top, per token and layer: K, V repeated to all heads, the mask;
+    for Propulsion also its v' (attention now keeps the repeated V, not v')."""
+    return dtype_bytes * (2 * (hidden - kv_dim) + seq + (kv_dim if method == "propulsion" else 0))
 
 
 def activation_bytes(seq: int, batch: int, hidden: int, heads: int, layers: int,
@@ -79,7 +85,7 @@ def activation_bytes(seq: int, batch: int, hidden: int, heads: int, layers: int,
     per_token = layer_activation_bytes_per_token(method, hidden, kv_dim, intermediate or 4 * hidden,
                                                  heads, dtype_bytes)
     if masked:
-        per_token += mask_bytes_per_token(seq, hidden, kv_dim, dtype_bytes)
+        per_token += mask_bytes_per_token(seq, hidden, kv_dim, dtype_bytes, method)
     tokens = seq * batch
     if checkpointing:
         return tokens * (layers * hidden * dtype_bytes + per_token)
