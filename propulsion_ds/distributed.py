@@ -294,7 +294,11 @@ def mpi_abort(code: int) -> None:
 # store, and every rank runs a thread that polls for it and leaves with the same code.
 _FAILED, _GONE = "propulsion_ds/failed", "propulsion_ds/exit/gone"
 POLL_S = 0.5
-GRACE_S = 5.0      # time a rank that saw a peer's failure gives its own main thread to reach finish()
+# How long a rank that saw a peer's failure waits before leaving: its own main thread may reach
+# finish() meanwhile (a failure every rank raised together), and the failed rank prints its error
+# line within launch/train.py's 10 s wait for rank 0's: it must be out before a launcher (mpirun,
+# torchrun) stops the job on this rank's exit.
+GRACE_S = 12.0
 
 
 class _PeerWatch:
