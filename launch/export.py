@@ -8,8 +8,9 @@
 ``PeftModel.from_pretrained(base, DIR)`` loads: ia3_l = z**k per output channel (fp32; the mean of
 the powers with several vectors per module), feedforward_modules [] (every target scales its
 output). One-way: z and k cannot be recovered from z**k, so resume training from our adapter or
-checkpoint, not from the export. Refused (IA3 cannot express them): propulsion.embeddings=true
-and propulsion.train_bias=true.
+checkpoint, not from the export. Refused (IA3 cannot express them): propulsion.embeddings=true,
+propulsion.train_bias=true, and a scaled lm_head tied to the input embedding (peft's merge would
+scale the shared weight; launch/merge.py --untie handles it).
 
 --checkpoint writes propulsion.safetensors + propulsion_config.json (what training writes into
 out/run/adapter), loadable by launch/generate.py and launch/merge.py; the run's config is read
