@@ -227,3 +227,33 @@ def test_architecture_doc_names_every_train_component():
     assert imported, "the recipe imports its components from propulsion_ds.train"
     for name in ("Checkpointer", "DSEngine", "NonFiniteGuard", "MetricsSink", "TrainingProgress", "reduce_step"):
         assert name in doc and name in recipe, name
+
+
+MULTI_RANK_WORDS = {"mpirun", "sbatch", "--num_gpus", "torch.distributed.run", "--nproc_per_node"}
+
+
+def _launches_ranks(tree) -> bool:
+    """The file starts several ranks: run_train/start_train/train_command without nproc=1, or a
+    launcher named in a string that is not a docstring."""
+    docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                  if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef)) and n.body
+                  and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", "") in ("run_train", "start_train",
+                                                                           "train_command"):
+            nproc = [k.value for k in node.keywords if k.arg == "nproc"]
+            if not (nproc and isinstance(nproc[0], ast.Constant) and nproc[0].value == 1):
+                return True
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "submit":   # SlurmCluster
+            return True
+        if isinstance(node, ast.Constant) and id(node) not in docstrings and node.value in MULTI_RANK_WORDS:
+            return True
+    return False
+
+
+def test_test_files_that_start_ranks_mark_themselves_slow():
+    """The fast tier (-m "not slow") has no list of slow files: a file that starts several ranks
+    says so itself (pytestmark = pytest.mark.slow, or @pytest.mark.slow on its tests)."""
+    unmarked = [p.name for p in sorted((ROOT / "tests").glob("test_*.py")) if p.name != "test_layout.py"
+                and _launches_ranks(ast.parse(p.read_text())) and "pytest.mark.slow" not in p.read_text()]
+    assert not unmarked, unmarked
