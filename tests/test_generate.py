@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from helpers import run_cli
-from propulsion_ds import PropulsionConfig, inject, load_adapter, save_adapter
+from helpers import random_adapter, run_cli, save_stories260k, stories260k
+from propulsion_ds import load_adapter, save_adapter
 from propulsion_ds.model import load_tokenizer
 
 pytestmark = pytest.mark.slow
@@ -26,16 +26,8 @@ def _run(*args):
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("gen")
-    model = AutoModelForCausalLM.from_pretrained(str(STORIES), dtype=torch.float32)
-    model.to(torch.bfloat16).save_pretrained(tmp / "bf16")
-    for name in ("tokenizer.model", "tokenizer_config.json"):
-        (tmp / "bf16" / name).write_bytes((STORIES / name).read_bytes())
-    model = AutoModelForCausalLM.from_pretrained(str(STORIES), dtype=torch.float32)
-    inject(model, PropulsionConfig(degree=15))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        model.propulsion_delta.copy_(torch.randn(model.propulsion_delta.shape, generator=g) * 0.02)
-    save_adapter(model, tmp / "adapter")
+    save_stories260k(tmp / "bf16", torch.bfloat16)
+    random_adapter(stories260k(), tmp / "adapter", seed=0, spread=0.02)
     return tmp
 
 
