@@ -104,6 +104,31 @@ def test_quality_commonsense_quick_json_contract(tmp_path):
     assert m["prop_k15"]["lr"] > 0 and m["ia3"]["lr"] > m["prop_k15"]["lr"]   # IA3 needs ~k x the LR
 
 
+def test_quality_commonsense_sweep_picks_best_dev_lr_then_seeds(tmp_path):
+    """--sweep: the grid runs on seed 0, the LR with the best dev mean accuracy is kept, the other
+    seeds run at it, and std is the spread of the per-seed means."""
+    import statistics
+    out = tmp_path / "sweep.json"
+    _run(["bench/quality.py", "--task", "commonsense", "--quick", "--data-dir", str(CS_SAMPLE), "--json", str(out),
+          "--methods", "ia3", "--sweep", "--seeds", "2"], tmp_path, timeout=600)
+    r = json.loads(out.read_text())["methods"]["ia3"]
+    assert len(r["sweep_seed0"]) == 2
+    best = max(r["sweep_seed0"].items(), key=lambda kv: kv[1])
+    assert r["lr"] == pytest.approx(float(best[0]))
+    assert r["seeds"] == [0, 1] and r["per_seed_mean"][0] == pytest.approx(best[1])
+    assert r["mean_accuracy"] == pytest.approx(statistics.fmean(r["per_seed_mean"]))
+    assert r["std"] == pytest.approx(statistics.stdev(r["per_seed_mean"]))
+
+
+def test_quality_commonsense_pick_is_best_dev_accuracy_on_seed_0():
+    from bench import quality
+    runs = [{"lr": 1e-3, "seed": 0, "mean_accuracy": 0.41}, {"lr": 3e-3, "seed": 0, "mean_accuracy": 0.47},
+            {"lr": 1e-2, "seed": 0, "mean_accuracy": float("nan")}, {"lr": 1e-3, "seed": 1, "mean_accuracy": 0.9}]
+    assert quality.cs_pick(runs) == 3e-3
+    tie = [{"lr": 2e-3, "seed": 0, "mean_accuracy": 0.5}, {"lr": 1e-3, "seed": 0, "mean_accuracy": 0.5}]
+    assert quality.cs_pick(tie) == 1e-3
+
+
 def test_quality_commonsense_bad_eval_file_is_one_line(tmp_path):
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     proc = subprocess.run([sys.executable, "bench/quality.py", "--task", "commonsense", "--quick",
