@@ -72,7 +72,10 @@ def test_a_second_job_on_a_locked_output_dir_is_refused(tmp_path):
     first = start_train(args, nproc=1)
     try:
         assert wait_for(lambda: (out / "metrics.jsonl").is_file(), first, timeout=300), tail(first.stderr.read())
-        second = run_train(args + ["--resume"], nproc=1)
+        # a resubmission as the SLURM script makes it (resume=auto: no checkpoint yet, so a fresh
+        # start that would clear the first run's outputs)
+        second = run_train(args + ["--set", "resume=auto"], nproc=1)
+        assert (out / "metrics.jsonl").is_file() and (out / "config.json").is_file()
         assert first.poll() is None                                   # the first run is untouched
         assert (out / outdir_lock.LOCK_FILE).is_file()
     finally:
@@ -95,7 +98,7 @@ def test_ranks_that_see_different_output_dirs_are_refused(tmp_path):
     errors = {line.split("error: ", 1)[1] for line in stderr_lines(proc.stderr) if "error: " in line}
     assert len(errors) == 1, errors
     error, = errors
-    assert error.startswith(f"rank 1 does not see the lock rank 0 holds in output_dir "
-                            f"{tmp_path / 'disks' / 'node1'} (it finds no lock file"), error
+    assert error.startswith(f"rank 1 does not see the output_dir {tmp_path / 'disks' / 'node1'} of rank 0 "
+                            f"(it finds no {tmp_path / 'disks' / 'node1'}/.propulsion-view-"), error
     assert "not node-local disks" in error
-    assert not (tmp_path / "disks" / "node0").exists()       # rank 0 released its lock and its new directory
+    assert not (tmp_path / "disks" / "node0").exists()       # rank 0 removed its file and its new directory

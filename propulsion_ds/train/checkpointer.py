@@ -60,24 +60,13 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ start
     def start(self) -> int | None:
-        """Collective, first thing after the process group forms: take output_dir's lock (rank 0),
-        check that every rank sees the same output_dir, and let rank 0 alone decide resume-or-fresh
-        for all: the step to resume from, or None. Each refusal is one line on every rank."""
+        """Collective, first thing after the process group forms: check that every rank sees the
+        same output_dir, and let rank 0 alone decide resume-or-fresh for all: the step to resume
+        from, or None. Each refusal is one line on every rank. Nothing stays written: output_dir's
+        lock is taken by ``prepare``, before the run's first write."""
         rank = dist.rank()
-        error = nonce = None
-        if rank == 0:
-            try:
-                self.lock = outdir_lock.acquire(self.out)
-                nonce = self.lock.record["nonce"]
-            except OutputDirError as e:
-                error = e
-        agree_as_is(error, OutputDirError)
-        nonce = _broadcast(nonce)
-        why = None if rank == 0 else outdir_lock.check_nonce(self.out, nonce)
-        agree_as_is(None if why is None else OutputDirError(
-            f"rank {rank} does not see the lock rank 0 holds in output_dir {self.out} ({why}): output_dir "
-            f"must be one directory every rank shares (a shared file system, not node-local disks)"),
-            OutputDirError)
+        if dist.world_size() > 1:
+            self._check_same_output_dir(rank)
         decision = None
         if rank == 0:
             try:
@@ -89,6 +78,26 @@ class Checkpointer:
             raise OutputDirError(value)
         self.resume_step = value
         return value
+
+    def _check_same_output_dir(self, rank: int) -> None:
+        """Collective: rank 0 leaves a file of its own in output_dir, every rank must read it."""
+        error = view = None
+        if rank == 0:
+            try:
+                view = outdir_lock.View.create(self.out)
+            except OutputDirError as e:
+                error = e
+        agree_as_is(error, OutputDirError)
+        name = _broadcast(None if view is None else view.path.name)
+        why = None if rank == 0 else outdir_lock.sees(self.out, name)
+        try:
+            agree_as_is(None if why is None else OutputDirError(
+                f"rank {rank} does not see the output_dir {self.out} of rank 0 ({why}): output_dir must "
+                f"be one directory every rank shares (a shared file system, not node-local disks)"),
+                OutputDirError)
+        finally:
+            if view is not None:
+                view.remove()
 
     def close(self) -> None:
         """The run is over (finished, failed or preempted): release output_dir's lock."""
@@ -137,8 +146,20 @@ class Checkpointer:
             self.elastic = is_elastic(checkpoint.read_meta(self.root, self.resume_step), fingerprint)
 
     def prepare(self, max_steps: int) -> None:
-        """Collective, after every rank has decided resume-or-not: rank 0 clears or tidies."""
+        """Collective, after every rank has decided resume-or-not: rank 0 takes output_dir's lock,
+        then clears or tidies. A second run on this output_dir is refused here, before it writes."""
         resume_step = self.resume_step
+        error = None
+        if dist.rank() == 0:
+            try:
+                self.lock = outdir_lock.acquire(self.out)
+                latest = checkpoint.latest_step(self.root)
+                if latest != resume_step and not (resume_step is None and self.overwrite):
+                    raise OutputDirError(f"output_dir {self.out} changed while this run was starting (another "
+                                         f"run wrote checkpoints there): start this run again")
+            except OutputDirError as e:
+                error = e
+        agree_as_is(error, OutputDirError)
 
         def tidy():
             for trash in self.out.glob(TRASH_PREFIX + "*"):      # left by a kill mid-clear

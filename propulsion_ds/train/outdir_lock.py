@@ -1,18 +1,22 @@
-"""One run per output_dir: a lock file held for the run, and proof that every rank sees it.
+"""One run per output_dir: a lock file held for the run, and proof that every rank sees output_dir.
 
-Rank 0 creates ``output_dir/.propulsion.lock`` with O_EXCL and writes who holds it (host, pid,
-SLURM job id, start time) and a random nonce. A second job on the same output_dir (a resubmission
-while the requeued job waits, a typo in two configs) finds it and stops with one line, exit 2.
+Before its first write into output_dir, rank 0 creates ``output_dir/.propulsion.lock`` with O_EXCL
+and writes who holds it (host, pid, SLURM job id, start time) and a random nonce. A second job on
+the same output_dir (a resubmission while the requeued job waits, a typo in two configs) finds it
+and stops with one line, exit 2. (Taken at the first write, not at start: bad input in a second
+job is still reported as such, and nothing is left behind by a run refused before writing.)
 
 A lock is stale, and is taken over with a warning, when its holder cannot be running: the same
 host and its pid is gone (a kill -9, a node reboot keeps the host name but not the pid), the same
 SLURM job id (a requeued job is the same job: SLURM ended the previous run first), or
 PROPULSION_BREAK_LOCK=1 in the environment (the user checked that the holder is dead).
 
-Every other rank reads the lock file back and compares the nonce: a rank that does not find it
-sees another directory under the same path (node-local disks), where a checkpoint would miss its
-files. The lock is removed when the run ends (also on an error or a preemption); an output_dir this
-run created and left empty (bad input found after start) is removed with it.
+At start, rank 0 leaves a file with a random name in output_dir (``View``) and every other rank
+must find it: a rank that does not sees another directory under the same path (node-local disks),
+where a checkpoint would miss its files. The file is removed at once.
+
+The lock is removed when the run ends (also on an error or a preemption); an output_dir this run
+created and left empty is removed with it.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ from propulsion_ds.errors import OutputDirError
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".propulsion.lock"
+VIEW_PREFIX = ".propulsion-view-"
 BREAK_LOCK_ENV = "PROPULSION_BREAK_LOCK"
 TORN_GRACE_S = 30.0      # an unreadable lock younger than this may be one being written right now
 
@@ -47,11 +52,7 @@ class Lock:
                 self.path.unlink()
         except (OSError, ValueError):
             pass
-        for d in self.created:
-            try:
-                d.rmdir()
-            except OSError:
-                break
+        _remove_empty(self.created)
 
 
 def acquire(out: Path, env=os.environ) -> Lock:
@@ -106,15 +107,33 @@ def stale_reason(holder: dict | None, path: Path, env=os.environ) -> str | None:
     return None
 
 
-def check_nonce(out: Path, nonce: str) -> str | None:
-    """A rank other than 0: None if it reads rank 0's lock in ``out``, else why not."""
-    path = Path(out) / LOCK_FILE
-    holder = _holder(path)
-    if holder is None:
-        return f"it finds no lock file {path}"
-    if holder.get("nonce") != nonce:
-        return f"its {path} is another run's ({_describe(holder)})"
-    return None
+@dataclass
+class View:
+    """A file of rank 0's in output_dir, for the other ranks to find (then removed)."""
+    path: Path
+    created: list
+
+    @classmethod
+    def create(cls, out: Path) -> "View":
+        out = Path(out)
+        created = _missing_parents(out)
+        path = out / f"{VIEW_PREFIX}{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(8)}"
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            path.write_text("")
+        except OSError as e:
+            raise OutputDirError(f"cannot write into output_dir {out} ({e.strerror or e})") from None
+        return cls(path, created)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+        _remove_empty(self.created)
+
+
+def sees(out: Path, name: str) -> str | None:
+    """A rank other than 0: None if it finds rank 0's ``View`` file ``name`` in ``out``, else why not."""
+    path = Path(out) / name
+    return None if path.is_file() else f"it finds no {path}, which rank 0 just wrote"
 
 
 def pid_alive(pid) -> bool:
@@ -152,6 +171,14 @@ def _describe(holder: dict | None) -> str:
         return "holder unknown"
     job = f", SLURM job {holder['slurm_job_id']}" if holder.get("slurm_job_id") else ""
     return f"host {holder.get('host')}, pid {holder.get('pid')}{job}, since {holder.get('started')}"
+
+
+def _remove_empty(dirs: list) -> None:
+    for d in dirs:
+        try:
+            d.rmdir()
+        except OSError:
+            break
 
 
 def _missing_parents(out: Path) -> list:
