@@ -99,6 +99,10 @@ def load(engine, model, tensors: dict, state: dict) -> dict:
     missing = [n for n, _ in params if n not in tensors]
     if missing:
         raise CheckpointError(f"elastic state lacks {missing[0]}: not written for this model and method")
+    if state["adam_step"] > 0 and any(f"{n}::{MOMENTS[0]}" not in tensors for n, _ in params):
+        # fp16 without ZeRO keeps Adam's state on fp32 copies this file could not reach
+        raise CheckpointError("elastic state without Adam's moments (written under fp16 without ZeRO): "
+                              "resume with the world size and split that wrote the checkpoint")
     base = _base_optimizer(engine)
     _ensure_adam_state(engine.optimizer, base)
     for name, p in params:
