@@ -384,7 +384,7 @@ class SlurmCluster:
             info = self.job(jid)
             if info.get("JobState") in SLURM_TERMINAL:
                 return info
-            time.sleep(0.5)
+            time.sleep(1.0)           # each poll is an scontrol process: 2 cores are shared with the job
         self.scancel(jid)
         raise AssertionError(f"job {jid} not finished after {timeout:.0f} s: {self.job(jid)}\n{file_tail(log)}")
 
