@@ -300,7 +300,8 @@ def main(argv=None) -> int:
                          "machine: under contention the timing says nothing)")
     cs.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     cs.add_argument("--report", nargs="+", default=None, metavar="JSON",
-                    help="print the table of finished result files (and redraw their plots); runs nothing")
+                    help="print the table of finished result files (and redraw their plots; with several, "
+                         "also one merged table, plotted to --json's path with .png if given); runs nothing")
     args = ap.parse_args(argv)
     fixed = {}
     for item in args.lrs:
@@ -309,7 +310,7 @@ def main(argv=None) -> int:
             ap.error(f"--lr {item!r}: expected METHOD=LR with METHOD one of {', '.join(METHODS)}")
         fixed[m] = float(v)
     if args.task == "commonsense" and args.report:
-        return commonsense_report(args.report)
+        return commonsense_report(args.report, args.json)
     if args.task == "commonsense":
         args.steps = 60 if args.steps is None else args.steps
         args.max_length = 256 if args.max_length is None else args.max_length
@@ -771,8 +772,9 @@ def cs_header(result) -> str:
             f"{common.load_note(m['load_avg_1m'], m['cpu_cores'])} (at the end), {result['wall_s'] / 60:.1f} min")
 
 
-def commonsense_report(paths: list) -> int:
+def commonsense_report(paths: list, merge_png: str | None = None) -> int:
     import json as _json
+    finished = []
     for p in paths:
         result = _json.loads(Path(p).read_text())
         if "methods" not in result:      # a .partial.json: the runs finished so far
@@ -788,6 +790,16 @@ def commonsense_report(paths: list) -> int:
         print(f"`{result.get('command', '?')}`\n")
         print(cs_table(result) + "\n")
         cs_plot(result, Path(p).with_suffix(".png"))
+        finished.append(result)
+    if len(finished) > 1:          # one table of every method (the first file naming a method wins)
+        merged = dict(finished[0], methods={})
+        for r in finished:
+            for m, v in r["methods"].items():
+                merged["methods"].setdefault(m, v)
+        print(f"### merged: {', '.join(merged['methods'])}\n")
+        print(cs_table(merged) + "\n")
+        if merge_png:
+            cs_plot(merged, Path(merge_png))
     return 0
 
 
