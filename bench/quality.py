@@ -785,6 +785,9 @@ def commonsense_report(paths: list, merge_png: str | None = None) -> int:
                     print(f"- {m} lr={r['lr']:g} seed={r['seed']}: mean {100 * r['mean_accuracy']:.1f}% ({per}); "
                           f"train {r['train_s'] / 60:.1f} min, eval {r['eval_s'] / 60:.1f} min, load {r['load_avg']}")
             print()
+            runs = {m: rs for m, rs in result.get("runs", {}).items() if rs}
+            picked = {m: cs_pick(rs) if m != "base" else rs[0]["lr"] for m, rs in runs.items()}
+            finished.append({"methods": cs_summarize(list(runs), runs, picked, {})})
             continue
         print(cs_header(result) + "\n")
         print(f"`{result.get('command', '?')}`\n")
@@ -792,13 +795,13 @@ def commonsense_report(paths: list, merge_png: str | None = None) -> int:
         cs_plot(result, Path(p).with_suffix(".png"))
         finished.append(result)
     if len(finished) > 1:          # one table of every method (the first file naming a method wins)
-        merged = dict(finished[0], methods={})
+        merged = dict(next((r for r in finished if "settings" in r), finished[0]), methods={})
         for r in finished:
             for m, v in r["methods"].items():
                 merged["methods"].setdefault(m, v)
         print(f"### merged: {', '.join(merged['methods'])}\n")
         print(cs_table(merged) + "\n")
-        if merge_png:
+        if merge_png and "settings" in merged:
             cs_plot(merged, Path(merge_png))
     return 0
 
