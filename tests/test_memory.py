@@ -163,8 +163,9 @@ def test_cli_bad_config_exit_2(tmp_path):
 
 
 # --------------------------------------------------------------------------- activation table
-def _saved_bytes(model, ids, **kw):
-    """Bytes autograd saves for backward in one forward (unique storages, parameters excluded)."""
+def saved_bytes(model, **inputs):
+    """Bytes autograd saves for backward in one forward of ``model(**inputs)`` (unique storages,
+    parameters excluded)."""
     import torch
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen = {}
@@ -175,7 +176,7 @@ def _saved_bytes(model, ids, **kw):
             seen[st.data_ptr()] = st.nbytes()
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=ids, labels=ids, **kw)
+        model(**inputs)
     return sum(seen.values())
 
 
@@ -200,7 +201,7 @@ def _layer_bytes(cfg, method, dtype, seq=64, batch=2):
             m = get_peft_model(m, common.lora_config(8))
         m.to(dtype)                  # after the method, as DeepSpeed casts the whole module
         ids = torch.randint(0, c.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
-        counts.append(_saved_bytes(m, ids))
+        counts.append(saved_bytes(m, input_ids=ids, labels=ids))
     return counts[1] - counts[0]
 
 

@@ -10,7 +10,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 from propulsion_ds.tools.memory import (Cluster, ZeroSettings, activation_bytes, layout_zero,  # noqa: E402
                                         logits_bytes, mask_bytes_per_token, method_plan, model_shape,
                                         zero3_live_params)
-from test_memory import ROOT, SMOLLM2_SHAPE, _saved_bytes  # noqa: E402
+from test_memory import ROOT, SMOLLM2_SHAPE, saved_bytes  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,8 @@ def test_masked_attention_term_matches_saved_tensors(dtype_bytes, method):
             from bench import common
             m = get_peft_model(m, common.lora_config(8))
         m.to(dtype)
-        counts[layers] = (_saved_bytes(m, ids), _saved_bytes(m, ids, position_ids=pos))
+        counts[layers] = (saved_bytes(m, input_ids=ids, labels=ids),
+                          saved_bytes(m, input_ids=ids, labels=ids, position_ids=pos))
     plain = counts[2][0] - counts[1][0]
     masked = counts[2][1] - counts[1][1]
     want = seq * batch * mask_bytes_per_token(seq, 576, 192, dtype_bytes, method)

@@ -14,23 +14,9 @@ import copy
 import pytest
 import torch
 
-from test_memory import ROOT, SMOLLM2_SHAPE
+from test_memory import ROOT, SMOLLM2_SHAPE, saved_bytes
 
 H, KV, I, R = 576, 192, 1536, 8
-
-
-def _saved(model, x) -> int:
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in params:
-            seen[st.data_ptr()] = st.nbytes()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(inputs_embeds=x)
-    return sum(seen.values())
 
 
 def per_token_layer(method: str, dtype, seq: int = 32) -> float:
@@ -52,7 +38,7 @@ def per_token_layer(method: str, dtype, seq: int = 32) -> float:
         m.to(dtype)                  # after the method, as DeepSpeed casts the whole module
         for b in (2, 4):
             x = torch.randn(b, seq, H, generator=torch.Generator().manual_seed(0)).to(dtype).requires_grad_(True)
-            counts[layers, b] = _saved(m, x)
+            counts[layers, b] = saved_bytes(m, inputs_embeds=x)
     return ((counts[2, 4] - counts[1, 4]) - (counts[2, 2] - counts[1, 2])) / (2 * seq)
 
 
