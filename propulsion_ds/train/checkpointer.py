@@ -12,7 +12,6 @@ The on-disk format and the kill-safe save are ``checkpoint.py``'s; the trainer i
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -313,7 +312,7 @@ def fingerprint(cfg, trainable: int, n_targets: int, world: int = 1, tokenizer=N
         from propulsion_ds.data.cache import tokenizer_fingerprint
 
         fp["tokenizer"] = _digest(tokenizer_fingerprint(tokenizer))
-        fp["data.contents"] = _broadcast(_contents(d) if dist.rank() == 0 else None)
+        fp["data.contents"] = _broadcast(_contents(cfg) if dist.rank() == 0 else None)
     return fp
 
 
@@ -378,25 +377,18 @@ def _digest(obj) -> str:
     return hashlib.blake2b(json.dumps(obj, sort_keys=True, default=str).encode(), digest_size=16).hexdigest()
 
 
-def _contents(data_cfg) -> str:
-    """One digest of the contents of every data file (a file rewritten at the same size counts)."""
-    files = list(expand_data_paths(data_cfg.train)) + ([] if data_cfg.eval is None else
-                                                        list(expand_data_paths(data_cfg.eval)))
-    return _digest([_file_hash(os.path.abspath(f), *_stamp(f)) for f in files if os.path.isfile(f)])
+def _contents(cfg) -> str:
+    """One digest of the contents of every data file (a file rewritten at the same size counts).
+    The hashes are the data cache's own (``data.cache.content_hash``): kept beside the cache and
+    reused while a file's stat is unchanged, so a restart does not re-read terabytes."""
+    from propulsion_ds.data.cache import HASH_DIR, content_hash
+    from propulsion_ds.train.run_data import data_cache_dir
 
-
-def _stamp(path: str) -> tuple:
-    st = os.stat(path)
-    return st.st_size, st.st_mtime_ns
-
-
-@functools.lru_cache(maxsize=4096)
-def _file_hash(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 23), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    d = cfg.data
+    files = list(expand_data_paths(d.train)) + ([] if d.eval is None else list(expand_data_paths(d.eval)))
+    hash_dir = os.path.join(data_cache_dir(cfg), HASH_DIR)
+    os.makedirs(hash_dir, exist_ok=True)
+    return _digest([content_hash(f, hash_dir) for f in files if os.path.isfile(f)])
 
 
 def check_resumable(root, step: int, fingerprint: dict) -> None:
