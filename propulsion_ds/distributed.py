@@ -1,6 +1,7 @@
 """Process-group set-up for every launcher: deepspeed, torchrun, mpirun and SLURM's srun."""
 from __future__ import annotations
 
+import atexit
 import datetime
 import json
 import logging
@@ -374,6 +375,9 @@ def watch_peers() -> bool:
         log.debug("peer watch not started: %s", e)
         return False
     _watch.thread.start()
+    # The watch thread sits in store calls; killed there at interpreter exit it aborts the process
+    # ("terminate called without an active exception") after a run that finished: stop it first.
+    atexit.register(_stop_watch)
     previous = sys.excepthook
 
     def excepthook(kind, value, tb):   # a crash (a bug, not a PropulsionError) tells the peers too
@@ -382,6 +386,12 @@ def watch_peers() -> bool:
 
     sys.excepthook = excepthook
     return True
+
+
+def _stop_watch() -> None:
+    if _watch is not None:
+        _watch.exiting.set()
+        _watch.thread.join(timeout=POLL_S + 5.0)
 
 
 def announce_exit(code: int, message: str | None = None) -> None:
