@@ -178,7 +178,9 @@ def adapter_from_checkpoint(step_dir, out, *, config=None, base=None, overwrite:
 
     check_export_out(out, overwrite, step_dir)
     with staged(out) as tmp:
-        save_adapter(model, tmp, delta=delta.reshape(shape))
+        # the prompt entry as the trainer writes it, so launch/generate.py renders as training did
+        save_adapter(model, tmp, delta=delta.reshape(shape),
+                     prompt={"format": cfg.data.format, "template": cfg.data.template})
     step = meta.get("step")
     return CheckpointExport(out=out, step=step if isinstance(step, int) else None, zero_stage=stage,
                             world_size=int(meta.get("world_size", 1)), trainable=state.trainable_count)
