@@ -180,11 +180,11 @@ def _write_parts(s: _Save, engine, client_state: dict, extra: dict | None = None
 def _publish(s: _Save, keep_last: int, fingerprint: dict) -> None:
     """Rank 0: make the written checkpoint visible; on failure remove its half-done directory."""
     try:
+        _tidy(s)    # first: the space it frees is there before the checkpoint counts as saved
         _seal(s, fingerprint)
         _rename(s)
         _point_latest(s)
         _prune(s, keep_last)
-        _tidy(s)
     except Exception:
         shutil.rmtree(s.work, ignore_errors=True)
         raise
