@@ -282,8 +282,10 @@ def _base_plus_adapter(model_dir, adapter_dir):
 
 def test_generate_with_adapter(smollm2_dir, tokenizer, full_run):
     adapter = full_run["out"] / "adapter"
-    prompt = render(tokenizer, [{"role": "user", "content": "What is the capital of France?"}], True)
-    r = run_cli("generate", "--model", smollm2_dir, "--adapter", adapter, "--prompt", prompt,
+    question = "What is the capital of France?"
+    prompt = render(tokenizer, [{"role": "user", "content": question}], True)
+    # generate renders the bare question with the run's chat template, as training did
+    r = run_cli("generate", "--model", smollm2_dir, "--adapter", adapter, "--prompt", question,
                 "--max-new-tokens", "12")
     assert r.returncode == 0, tail(r.stderr)
     model = _base_plus_adapter(smollm2_dir, adapter)
