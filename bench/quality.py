@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import json
 import math
 import multiprocessing as mp
 import os
@@ -801,8 +802,12 @@ def commonsense_report(paths: list, merge_png: str | None = None) -> int:
                 merged["methods"].setdefault(m, v)
         print(f"### merged: {', '.join(merged['methods'])}\n")
         print(cs_table(merged) + "\n")
-        if merge_png and "settings" in merged:
-            cs_plot(merged, Path(merge_png))
+        if merge_png:     # --json OUT with --report: the merged table as JSON, its plot beside it
+            out = Path(merge_png)
+            if out.suffix == ".json":
+                out.write_text(json.dumps(merged, indent=1) + "\n")
+            if "settings" in merged:
+                cs_plot(merged, out.with_suffix(".png"))
     return 0
 
 
