@@ -300,6 +300,9 @@ def main(argv=None) -> int:
                          "time one fwd+bwd both ways first and use bf16 if 1.2x faster (only on an idle "
                          "machine: under contention the timing says nothing)")
     cs.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    cs.add_argument("--eval-at", dest="eval_at", type=int, nargs="+", default=(),
+                    help="also score the eval questions after these steps (a learning curve within the "
+                         "one schedule; each run's 'curve' in the JSON)")
     cs.add_argument("--report", nargs="+", default=None, metavar="JSON",
                     help="print the table of finished result files (and redraw their plots; with several, "
                          "also one merged table, plotted to --json's path with .png if given); runs nothing")
@@ -624,8 +627,11 @@ def cs_measure_bf16(model_name: str, train, pad, micro_batch: int) -> dict:
 
 
 def cs_run(method: str, lr: float, seed: int, *, model_name: str, train, pad, tok, questions, steps: int,
-           micro_batch: int, warmup: int, bf16: bool, answer_format: str, verbose: bool = False) -> dict:
-    """Train ``method`` for ``steps`` AdamW updates (warm-up + cosine), then score ``questions``."""
+           micro_batch: int, warmup: int, bf16: bool, answer_format: str, verbose: bool = False,
+           eval_at: tuple = ()) -> dict:
+    """Train ``method`` for ``steps`` AdamW updates (warm-up + cosine), then score ``questions``;
+    also after each step in ``eval_at`` (a learning curve inside the one schedule: the rate has
+    not decayed to 0 there, so a point is not what a run of that many steps would give)."""
     import torch
     from transformers import AutoModelForCausalLM
     from propulsion_ds import data
@@ -639,7 +645,15 @@ def cs_run(method: str, lr: float, seed: int, *, model_name: str, train, pad, to
     model = apply_method(model, method)
     params = [p for p in model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)
-    losses = []
+    losses, curve = [], []
+
+    def score():
+        model.eval()
+        with torch.no_grad(), _autocast(bf16):
+            res = choice.score_questions(model, tok, questions, answer_format=answer_format, progress=verbose)
+        model.train()
+        return res
+
     t0 = time.perf_counter()
     if params and steps and method != "base":
         model.train()
@@ -658,6 +672,13 @@ def cs_run(method: str, lr: float, seed: int, *, model_name: str, train, pad, to
                 opt.zero_grad(set_to_none=True)
                 losses.append(loss.item())
                 step += 1
+                if step in eval_at and step < steps and math.isfinite(losses[-1]):
+                    res = score()
+                    per = {k: float(getattr(v, "accuracy", v)) for k, v in res.per_source.items()}
+                    curve.append(dict(step=step, accuracy=per, mean_accuracy=statistics.fmean(per.values())))
+                    if verbose:
+                        print(f"    {method} step {step}: dev mean {100 * curve[-1]['mean_accuracy']:.2f}% "
+                              + ", ".join(f"{k} {100 * v:.1f}" for k, v in per.items()), flush=True)
                 if verbose and step % 10 == 0:
                     print(f"    {method} step {step}/{steps} loss {statistics.fmean(losses[-10:]):.4f} "
                           f"{time.perf_counter() - t0:.0f} s", flush=True)
@@ -666,13 +687,11 @@ def cs_run(method: str, lr: float, seed: int, *, model_name: str, train, pad, to
             if not math.isfinite(losses[-1]):
                 break
     train_s = time.perf_counter() - t0
-    model.eval()
     t1 = time.perf_counter()
     if losses and not math.isfinite(losses[-1]):
         acc, per = float("nan"), {}
     else:
-        with torch.no_grad(), _autocast(bf16):
-            res = choice.score_questions(model, tok, questions, answer_format=answer_format, progress=verbose)
+        res = score()
         acc, per = res.accuracy, dict(res.per_source)
     eval_s = time.perf_counter() - t1
     n_by = {}
@@ -683,7 +702,7 @@ def cs_run(method: str, lr: float, seed: int, *, model_name: str, train, pad, to
                 mean_accuracy=statistics.fmean(per.values()) if per else float("nan"),
                 pooled_accuracy=float(acc), questions=n_by, train_loss_first=losses[0] if losses else None,
                 train_loss_last=statistics.fmean(losses[-5:]) if losses else None, steps=len(losses),
-                train_s=train_s, eval_s=eval_s, wall_s=time.perf_counter() - t_start,
+                train_s=train_s, eval_s=eval_s, wall_s=time.perf_counter() - t_start, curve=curve,
                 load_avg=common._loads())
 
 
@@ -723,7 +742,8 @@ def cs_summarize(methods: list, runs: dict, picked_lr: dict, grids: dict) -> dic
                       sweep_seed0={f"{r['lr']:g}": r["mean_accuracy"] for r in sorted(runs[m], key=lambda r: r["lr"])
                                    if r["seed"] == 0} if len(g) > 1 else {},
                       train_s=_mean_std([r["train_s"] for r in rs])[0], eval_s=_mean_std([r["eval_s"] for r in rs])[0],
-                      train_loss_last=rs[0]["train_loss_last"], load_avg=[r["load_avg"] for r in rs])
+                      train_loss_last=rs[0]["train_loss_last"], load_avg=[r["load_avg"] for r in rs],
+                      curves={str(r["seed"]): r["curve"] for r in rs if r.get("curve")})
     return out
 
 
@@ -851,7 +871,8 @@ def commonsense_main(args, fixed: dict) -> int:
         meas, bf16 = None, args.bf16 == "on"
 
     kw = dict(model_name=model_name, train=train, pad=pad, tok=tok, questions=questions, steps=steps,
-              micro_batch=micro, warmup=warmup, bf16=bf16, answer_format=fmt, verbose=not quick)
+              micro_batch=micro, warmup=warmup, bf16=bf16, answer_format=fmt, verbose=not quick,
+              eval_at=tuple(args.eval_at))
     runs = {m: [] for m in methods}
 
     def do(m, lr, seed):

@@ -233,3 +233,15 @@ def slurm_local():
         yield cluster
     finally:
         cluster.down()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Run the suite on two workers (pytest-xdist, ``-n 2 --dist loadgroup``) without paying twice
+    for what a file shares: every test of a file goes to one worker (its module fixtures are built
+    once), and every test on the local SLURM to one worker (one cluster per machine). Slow files
+    start first so that the short ones fill in at the end instead of one long file running alone.
+    Without xdist the marks are inert and only the order changes."""
+    for item in items:
+        group = "slurm" if "slurm_local" in getattr(item, "fixturenames", ()) else item.path.stem
+        item.add_marker(pytest.mark.xdist_group(group))
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
