@@ -579,20 +579,20 @@ def cs_questions(files: list, answer_format: str, limit: int | None) -> list:
 
 
 def cs_train_data(mix: list, answer_format: str, max_length: int, model: str):
-    """The mix through the project's instruction pipeline (Alpaca template, packed rows)."""
+    """The mix through the project's instruction pipeline (Alpaca template, packed rows; in the
+    text format each row's output names its gold option's text, as eval.answer_format "text" trains)."""
     import json as _json
     import tempfile
     from propulsion_ds import data
     from propulsion_ds.config import DataConfig
-    from propulsion_ds.eval import choice
-    rows = [choice.text_format_row(r) if answer_format == "text" else r for r in mix]
     tmp = Path(tempfile.mkdtemp(prefix="commonsense_"))
-    keep = ("instruction", "input", "output")
-    (tmp / "train.jsonl").write_text("".join(_json.dumps({k: r.get(k, "") for k in keep}) + "\n" for r in rows))
+    keep = ("instruction", "input", "output", "answer")
+    (tmp / "train.jsonl").write_text("".join(_json.dumps({k: r.get(k, "") for k in keep}) + "\n" for r in mix))
     tok = common.tokenizer(model)
     cfg = DataConfig(train=str(tmp / "train.jsonl"), format="instruction", max_length=max_length, packing=True,
                      cache_dir=str(tmp / "cache"))
-    built = data.build_datasets(cfg, tok)
+    # the trainer's own rewrite: answer_format "text" trains each row to name its gold option's text
+    built = data.build_datasets(cfg, tok, answer_format=answer_format)
     return built.train, data.pad_token_id(tok), tok
 
 

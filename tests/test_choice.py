@@ -12,8 +12,8 @@ import torch
 from helpers import MODEL_DIR
 from propulsion_ds.data.tokens import ALPACA_TEMPLATE_NO_INPUT, IGNORE_INDEX, tokenize
 from propulsion_ds.errors import DataError
-from propulsion_ds.eval.choice import (ChoiceQuestion, build_questions, encode_candidates, parse_choices,
-                                       score_questions, text_format_row)
+from propulsion_ds.data.choices import parse_choices, text_format_row
+from propulsion_ds.eval.choice import ChoiceQuestion, build_questions, encode_candidates, score_questions
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "commonsense"
 TASKS = ("boolq", "arc_easy", "arc_challenge", "openbookqa")
@@ -109,6 +109,35 @@ def test_completion_tokens_are_the_trained_targets(stories):
     target = [t for t in trained["labels"] if t != IGNORE_INDEX]
     assert trained["input_ids"][:len(ids)] == ids
     assert target == ids[start:] + [tok.eos_token_id]
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_text_format_trains_on_the_scored_text(stories, task):
+    """answer_format "text": the rows carrying an answer are trained to write the gold option's
+    text, the very tokens the text format scores; rows without an answer keep their output; the
+    label format trains the output as written; the two builds never share a cache entry."""
+    import datasets
+    from types import SimpleNamespace
+    from propulsion_ds.data.cache import cache_key, fingerprint
+    _, tok = stories
+    rows = rows_of(FIX / f"{task}_dev.jsonl")[:2] + [{"instruction": "say hi", "output": "hi", "answer": None}]
+    cfg = SimpleNamespace(format="instruction", max_length=4096, template=None, packing=False, text_field="text")
+    raw = datasets.Dataset.from_list(rows)
+    for fmt in ("label", "text"):
+        trained = tokenize(raw, cfg, tok, "t", answer_format=fmt)
+        for row, got in zip(rows, trained):
+            target = [t for t in got["labels"] if t != IGNORE_INDEX]
+            if row["answer"] is None:
+                assert tok.decode(target[:-1]) == "hi"
+                continue
+            (q,) = build_questions([row], None, fmt, task)
+            ids, start = encode_candidates(tok, q)[q.answer]
+            assert target == ids[start:] + [tok.eos_token_id], (fmt, tok.decode(target))
+            assert tok.decode(target[:-1]).strip() == (row["output"] if fmt == "label" else
+                                                       text_format_row(row)["output"])
+    files = SimpleNamespace(**vars(cfg), eval_fraction=0.0, train=str(FIX / f"{task}_dev.jsonl"), eval=None)
+    keys = {fmt: cache_key(fingerprint(files, tok, answer_format=fmt)) for fmt in ("label", "text")}
+    assert keys["label"] != keys["text"]
 
 
 def _plain_loglik(model, ids, start) -> float:

@@ -69,7 +69,7 @@ def trained(tmp_path_factory):
 
 
 REFUSED = [("train.seed", 43), ("data.format", "instruction"), ("data.max_length", 200), ("data.packing", "false"),
-           ("model.dtype", "bf16"), ("model.attn_implementation", "eager")]
+           ("model.dtype", "bf16"), ("model.attn_implementation", "eager"), ("eval.answer_format", "text")]
 # the global batch (2 samples: 2 x 1 rank x 1) changed by one factor or another
 BATCH = [("train.micro_batch_size", 4), ("train.gradient_accumulation_steps", 2)]
 ACCEPTED = [("train.micro_batch_size+train.gradient_accumulation_steps", "1+2"), ("train.lr", 0.01)]

@@ -111,7 +111,8 @@ class EvalConfig:
     answer_format: str = option("label", choices=("label", "text"),
                                 help="`metric: choice`: `label` scores the row's output with each "
                                 "candidate label (summed log-likelihood); `text` scores \"the correct "
-                                "answer is <option text>\" (mean per token)")
+                                "answer is <option text>\" (mean per token) and trains the rows that "
+                                "carry an `answer` to write that too")
     answer_marker: str = option("####", help="`metric: marker` compares the text after it")
 
 

@@ -41,14 +41,16 @@ def _rows(samples: datasets.Dataset, cfg, name: str, work: Work) -> datasets.Dat
     return pack(samples, cfg.max_length, name, split_long=cfg.format == "text", out_file=out)
 
 
-def build_datasets(cfg, tokenizer, cache_dir: Optional[str] = None, work: Optional[Work] = None) -> Built:
+def build_datasets(cfg, tokenizer, cache_dir: Optional[str] = None, work: Optional[Work] = None,
+                   answer_format: str = "label") -> Built:
     """Load, template, tokenize and pack train (and eval) data per ``cfg`` (a ``DataConfig``).
 
     Eval comes from ``cfg.eval`` when set, else the last ``eval_fraction`` of the raw train rows
     (file order, before any shuffle), else None. The result is a pure function of the files, the
     tokenizer and ``cfg``: nothing here is random (shuffling is per epoch, in ``epoch_batches``). ``cache_dir`` is passed to
     ``datasets.load_dataset`` (None: HF default); ``work`` says how the maps run (in memory by
-    default; ``cache.load_or_build`` builds on disk).
+    default; ``cache.load_or_build`` builds on disk). ``answer_format``: "text" trains multiple-choice
+    rows to name the gold option's text (``tokens.tokenize``).
     """
     work = work or Work(num_proc=cfg.num_proc or 1)
     train_name = describe(cfg.train) if cfg.train else "data.train"
@@ -67,10 +69,10 @@ def build_datasets(cfg, tokenizer, cache_dir: Optional[str] = None, work: Option
         raw, raw_eval = raw.select(range(n - n_eval)), raw.select(range(n - n_eval, n))
         eval_name, eval_txt = f"{train_name} [last {n_eval} of {n} rows]", txt
         logger.info("eval: last %d of %d rows of %s", n_eval, n, train_name)
-    train = _rows(tokenize(raw, cfg, tokenizer, train_name, txt, work), cfg, train_name, work)
+    train = _rows(tokenize(raw, cfg, tokenizer, train_name, txt, work, answer_format), cfg, train_name, work)
     ev = ev_samples = None
     if raw_eval is not None:
-        ev_samples = tokenize(raw_eval, cfg, tokenizer, eval_name, eval_txt, work)
+        ev_samples = tokenize(raw_eval, cfg, tokenizer, eval_name, eval_txt, work, answer_format)
         ev = _rows(ev_samples, cfg, eval_name, work)
         if cfg.packing and cfg.format == "text":  # whole documents were kept for packing
             ev_samples = truncate(ev_samples, cfg.max_length)

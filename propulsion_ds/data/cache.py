@@ -153,10 +153,14 @@ def tokenizer_fingerprint(tokenizer) -> dict:
             "chat_template": getattr(tokenizer, "chat_template", None)}
 
 
-def fingerprint(cfg, tokenizer, hash_dir: Optional[str] = None, pending: Optional[list] = None) -> dict:
+def fingerprint(cfg, tokenizer, hash_dir: Optional[str] = None, pending: Optional[list] = None,
+                answer_format: str = "label") -> dict:
     """The full description the cache key hashes (also written to the cache's meta.json)."""
+    settings = {k: getattr(cfg, k) for k in _SETTINGS}
+    if answer_format != "label":      # only then: the keys of caches built before it stay valid
+        settings["answer_format"] = answer_format
     return {"version": CACHE_VERSION,
-            "settings": {k: getattr(cfg, k) for k in _SETTINGS},
+            "settings": settings,
             "train": files_fingerprint(cfg.train, hash_dir, pending),
             "eval": files_fingerprint(cfg.eval, hash_dir, pending) if cfg.eval else None,
             "tokenizer": tokenizer_fingerprint(tokenizer)}
@@ -166,7 +170,7 @@ def cache_key(fp: dict) -> str:
     return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def _build(cfg, tokenizer, final: str, fp: dict, rank: int) -> None:
+def _build(cfg, tokenizer, final: str, fp: dict, rank: int, answer_format: str) -> None:
     parent = os.path.dirname(final)
     created = []  # directories made here, removed again if the build fails (bad input leaves no trace)
     d = parent
@@ -183,7 +187,8 @@ def _build(cfg, tokenizer, final: str, fp: dict, rank: int) -> None:
         # the maps and the raw loader write arrow files under tmp, so the build need not fit in memory
         work = Work(num_proc=cfg.num_proc or 1, work_dir=os.path.join(tmp, "work"))
         os.makedirs(work.work_dir)
-        built = build_datasets(cfg, tokenizer, cache_dir=os.path.join(tmp, "hf"), work=work)
+        built = build_datasets(cfg, tokenizer, cache_dir=os.path.join(tmp, "hf"), work=work,
+                               answer_format=answer_format)
         for split in _SPLITS:
             ds = getattr(built, split)
             if ds is not None:
@@ -239,7 +244,7 @@ def load_cache(path: str) -> Built:
 
 def load_or_build(cfg, tokenizer, cache_dir: str, *, rank: int = 0, local_rank: int = 0,
                   barrier: Optional[Callable[[], None]] = None,
-                  broadcast: Optional[Callable[[object], object]] = None) -> Built:
+                  broadcast: Optional[Callable[[object], object]] = None, answer_format: str = "label") -> Built:
     """The run's data sets, tokenized by one process per storage domain and memory-mapped by all.
 
     Collective: every rank calls it with the same ``cfg``/tokenizer and passes the same
@@ -250,6 +255,7 @@ def load_or_build(cfg, tokenizer, cache_dir: str, *, rank: int = 0, local_rank: 
     ``broadcast`` (rank 0's object in, rank 0's object out on every rank, e.g.
     ``distributed.broadcast_object``; None for one process) hands rank 0's cache key to the
     others after the first barrier: only rank 0 reads the data files to key the cache.
+    ``answer_format`` as ``build.build_datasets`` takes it (part of the cache key).
     """
     barrier = barrier or (lambda: None)
     broadcast = broadcast or (lambda obj: obj)
@@ -263,7 +269,7 @@ def load_or_build(cfg, tokenizer, cache_dir: str, *, rank: int = 0, local_rank: 
         nonlocal built_here, error
         if error is None and not os.path.isdir(path):
             try:
-                _build(cfg, tokenizer, path, fp, rank)
+                _build(cfg, tokenizer, path, fp, rank, answer_format)
                 built_here = True
             except Exception as e:  # re-raised after the barriers
                 error = e
@@ -271,7 +277,7 @@ def load_or_build(cfg, tokenizer, cache_dir: str, *, rank: int = 0, local_rank: 
     if rank == 0:
         hashes: list = []
         try:
-            fp = fingerprint(cfg, tokenizer, os.path.join(root, HASH_DIR), hashes)
+            fp = fingerprint(cfg, tokenizer, os.path.join(root, HASH_DIR), hashes, answer_format)
             path = os.path.join(root, cache_key(fp))
         except Exception as e:  # noqa: BLE001 - re-raised after the barriers, named to the others
             error = e

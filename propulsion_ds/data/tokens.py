@@ -17,6 +17,7 @@ import numpy as np
 
 import datasets
 
+from .choices import text_format_row
 from .files import DataError
 
 logger = logging.getLogger(__name__)
@@ -170,9 +171,13 @@ def render_prompt(instruction: str, input: str, template: Optional[str], where: 
                         "use only {instruction} and {input}") from None
 
 
-def _tokenize_instruction(raw, tokenizer, max_length, template, name, work):
+def _tokenize_instruction(raw, tokenizer, max_length, template, name, work, answer_format="label"):
     _require_columns(raw, ["instruction", "output"], name, "instruction")
     has_input = "input" in raw.column_names
+    # answer_format "text": a row with an `answer` label is trained to name the gold option's text,
+    # as the multiple-choice scorer's text format scores it (docs/EVAL.md)
+    rewrite = answer_format == "text" and "answer" in raw.column_names
+    has_choices = "choices" in raw.column_names
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     head, tail = ([bos] if bos is not None else []), ([eos] if eos is not None else [])
 
@@ -189,6 +194,10 @@ def _tokenize_instruction(raw, tokenizer, max_length, template, name, work):
                 if not isinstance(v, str):
                     raise DataError(f"{name}: row {i + 1}: field {key!r} is "
                                     f"{'missing' if v is None else type(v).__name__}, expected a string")
+            if rewrite:
+                row = {"instruction": instruction, "output": output, "answer": batch["answer"][j],
+                       "choices": batch["choices"][j] if has_choices else None}
+                output = text_format_row(row, where=f"{name}: row {i + 1}")["output"]
             p = prompt_of(instruction, inp, i)
             prompts.append(p)
             fulls.append(p + output)
@@ -205,7 +214,8 @@ def _tokenize_instruction(raw, tokenizer, max_length, template, name, work):
             out["_status"].append(st)
         return out
 
-    cols = ["instruction", "output"] + (["input"] if has_input else [])
+    cols = (["instruction", "output"] + (["input"] if has_input else [])
+            + (["answer"] + (["choices"] if has_choices else []) if rewrite else []))
     return _finish(_map(raw.select_columns(cols), fn, "tokenize instructions", work), name, max_length, "samples", work)
 
 
@@ -255,8 +265,10 @@ def _tokenize_chat(raw, tokenizer, max_length, name, work):
 
 
 def tokenize(raw: datasets.Dataset, cfg, tokenizer, name: str, from_text_files: bool = False,
-             work: Optional[Work] = None) -> datasets.Dataset:
-    """Tokenize one raw data set per ``cfg`` (a DataConfig) into input_ids/labels samples."""
+             work: Optional[Work] = None, answer_format: str = "label") -> datasets.Dataset:
+    """Tokenize one raw data set per ``cfg`` (a DataConfig) into input_ids/labels samples.
+    ``answer_format``: "text" rewrites instruction rows that carry an ``answer`` label to name the
+    gold option's text (``choices.text_format_row``); "label" keeps ``output`` as written."""
     work = work or Work()
     if cfg.max_length < 2:
         raise DataError(f"data.max_length must be >= 2, got {cfg.max_length}")
@@ -265,7 +277,7 @@ def tokenize(raw: datasets.Dataset, cfg, tokenizer, name: str, from_text_files: 
         _require_columns(raw, [field], name, "text")
         return _tokenize_text(raw, field, tokenizer, cfg.max_length, cfg.packing, name, work)
     if cfg.format == "instruction":
-        return _tokenize_instruction(raw, tokenizer, cfg.max_length, cfg.template, name, work)
+        return _tokenize_instruction(raw, tokenizer, cfg.max_length, cfg.template, name, work, answer_format)
     if cfg.format == "chat":
         return _tokenize_chat(raw, tokenizer, cfg.max_length, name, work)
     raise DataError(f"data.format must be text, instruction or chat, got {cfg.format!r}")

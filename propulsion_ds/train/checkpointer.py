@@ -303,7 +303,7 @@ def fingerprint(cfg, trainable: int, n_targets: int, world: int = 1, tokenizer=N
           "train.seed": t.seed, "data.train": data_files(d.train), "data.format": d.format,
           "data.max_length": d.max_length, "data.packing": d.packing, "data.template": d.template,
           "data.text_field": d.text_field, "data.eval": None if d.eval is None else data_files(d.eval),
-          "data.eval_fraction": d.eval_fraction,
+          "data.eval_fraction": d.eval_fraction, "eval.answer_format": cfg.eval.answer_format,
           GLOBAL_BATCH: t.micro_batch_size * t.gradient_accumulation_steps * world,
           "train.micro_batch_size": t.micro_batch_size,
           "train.gradient_accumulation_steps": t.gradient_accumulation_steps, "world_size": world,

@@ -38,9 +38,11 @@ def load_run_data(cfg, tokenizer, rank: int, world: int) -> RunData:
         import datasets
         datasets.disable_progress_bars()
     # Tokenized once per storage domain, memory-mapped by every rank, reused by a requeued job.
+    # eval.answer_format "text" trains multiple-choice rows to name the option's text, as it scores them.
     built = data.load_or_build(cfg.data, tokenizer, data_cache_dir(cfg), rank=rank,
                                local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-                               barrier=dist.patient_barrier(), broadcast=dist.broadcast_object)
+                               barrier=dist.patient_barrier(), broadcast=dist.broadcast_object,
+                               answer_format=cfg.eval.answer_format)
     mbs, accum = cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps
     if built.eval is not None and len(built.eval) == 0:
         raise DataError("the eval set has no rows: add eval data or raise data.eval_fraction")
