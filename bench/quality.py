@@ -300,6 +300,9 @@ def main(argv=None) -> int:
                          "time one fwd+bwd both ways first and use bf16 if 1.2x faster (only on an idle "
                          "machine: under contention the timing says nothing)")
     cs.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    cs.add_argument("--first-seed", dest="first_seed", type=int, default=0,
+                    help="seeds first_seed .. first_seed + seeds - 1 (more seeds for a finished table: "
+                         "merge the files with --report)")
     cs.add_argument("--eval-at", dest="eval_at", type=int, nargs="+", default=(),
                     help="also score the eval questions after these steps (a learning curve within the "
                          "one schedule; each run's 'curve' in the JSON)")
@@ -720,9 +723,10 @@ def _cs_key(r) -> float:
 
 
 def cs_pick(runs: list) -> float:
-    """The LR of the seed-0 run with the best dev mean accuracy (a diverged run, NaN, ranks last;
-    a tie goes to the lowest LR)."""
-    seed0 = sorted([r for r in runs if r["seed"] == 0], key=lambda r: r["lr"])
+    """The LR of the first seed's run with the best dev mean accuracy (a diverged run, NaN, ranks
+    last; a tie goes to the lowest LR)."""
+    first = min(r["seed"] for r in runs)
+    seed0 = sorted([r for r in runs if r["seed"] == first], key=lambda r: r["lr"])
     return max(seed0, key=_cs_key)["lr"]
 
 
@@ -743,7 +747,8 @@ def cs_summarize(methods: list, runs: dict, picked_lr: dict, grids: dict) -> dic
                                    if r["seed"] == 0} if len(g) > 1 else {},
                       train_s=_mean_std([r["train_s"] for r in rs])[0], eval_s=_mean_std([r["eval_s"] for r in rs])[0],
                       train_loss_last=rs[0]["train_loss_last"], load_avg=[r["load_avg"] for r in rs],
-                      curves={str(r["seed"]): r["curve"] for r in rs if r.get("curve")})
+                      curves={str(r["seed"]): r["curve"] for r in rs if r.get("curve")},
+                      per_seed_accuracy={str(r["seed"]): r["accuracy"] for r in rs})
     return out
 
 
@@ -758,6 +763,22 @@ def cs_table(result) -> str:
                      f"{r['train_s'] / 60:.1f} / {r['eval_s'] / 60:.1f}"])
     return common.markdown_table(["method", "trainable", "LR", *files, "mean (± std over seeds)", "seeds",
                                   "train / eval min"], rows)
+
+
+def cs_curves(result) -> str:
+    """The mid-schedule points (--eval-at) of each method's runs beside the final one, as a table."""
+    rows = []
+    for name, r in result["methods"].items():
+        for seed, points in sorted(r.get("curves", {}).items()):
+            ends = [dict(step=f"{result['settings']['steps']} (end)", accuracy=r["accuracy"],
+                         mean_accuracy=r["mean_accuracy"])] if points and len(r["seeds"]) == 1 else []
+            for pt in points + ends:
+                cells = [f"{100 * pt['accuracy'][f]:.1f}" for f in _file_order(pt["accuracy"])]
+                rows.append([r["label"], seed, pt["step"], *cells, f"{100 * pt['mean_accuracy']:.1f}"])
+    if not rows:
+        return ""
+    files = _file_order(f for r in result["methods"].values() for f in r["accuracy"])
+    return common.markdown_table(["method", "seed", "step", *files, "mean"], rows)
 
 
 def cs_plot(result, path: Path) -> None:
@@ -793,6 +814,29 @@ def cs_header(result) -> str:
             f"{common.load_note(m['load_avg_1m'], m['cpu_cores'])} (at the end), {result['wall_s'] / 60:.1f} min")
 
 
+def _per_seed(v) -> dict:
+    if "per_seed_accuracy" in v:
+        return v["per_seed_accuracy"]
+    return {str(v["seeds"][0]): v["accuracy"]} if len(v["seeds"]) == 1 else {}
+
+
+def _merge_seeds(a: dict, b: dict) -> dict:
+    """One method's results from two files: the seeds of both, when they trained at the same LR
+    (a different LR, or an unknown split by seed, keeps the first file's)."""
+    pa, pb = _per_seed(a), _per_seed(b)
+    if a["lr"] != b["lr"] or not pa or not pb or set(pa) & set(pb):
+        return a
+    per = {**pa, **pb}
+    files = _file_order(f for acc in per.values() for f in acc)
+    means = [statistics.fmean(per[k].values()) for k in sorted(per, key=int)]
+    mean, std = _mean_std(means)
+    return dict(a, accuracy={f: statistics.fmean(acc[f] for acc in per.values() if f in acc) for f in files},
+                mean_accuracy=mean, std=std, seeds=sorted(int(k) for k in per), per_seed_mean=means,
+                per_seed_accuracy=per, curves={**a.get("curves", {}), **b.get("curves", {})},
+                train_s=statistics.fmean([a["train_s"], b["train_s"]]), eval_s=statistics.fmean([a["eval_s"], b["eval_s"]]),
+                load_avg=a.get("load_avg", []) + b.get("load_avg", []))
+
+
 def commonsense_report(paths: list, merge_png: str | None = None) -> int:
     import json as _json
     finished = []
@@ -813,13 +857,17 @@ def commonsense_report(paths: list, merge_png: str | None = None) -> int:
         print(cs_header(result) + "\n")
         print(f"`{result.get('command', '?')}`\n")
         print(cs_table(result) + "\n")
+        curves = cs_curves(result)
+        if curves:
+            print(curves + "\n")
         cs_plot(result, Path(p).with_suffix(".png"))
         finished.append(result)
     if len(finished) > 1:          # one table of every method (the first file naming a method wins)
         merged = dict(next((r for r in finished if "settings" in r), finished[0]), methods={})
         for r in finished:
             for m, v in r["methods"].items():
-                merged["methods"].setdefault(m, v)
+                have = merged["methods"].get(m)
+                merged["methods"][m] = v if have is None else _merge_seeds(have, v)
         print(f"### merged: {', '.join(merged['methods'])}\n")
         print(cs_table(merged) + "\n")
         if merge_png:     # --json OUT with --report: the merged table as JSON, its plot beside it
@@ -898,12 +946,12 @@ def commonsense_main(args, fixed: dict) -> int:
     # 1) base once; each method's grid on seed 0 (one point without --sweep).
     for m in methods:
         for lr in (grids[m] or [0.0]):
-            do(m, lr, 0)
+            do(m, lr, args.first_seed)
             if m == "base":
                 break
     picked = {m: (cs_pick(runs[m]) if grids[m] else 0.0) for m in methods}
     # 2) the picked LR on the other seeds (base is deterministic: one evaluation).
-    for s in range(1, seeds):
+    for s in range(args.first_seed + 1, args.first_seed + seeds):
         for m in methods:
             if grids[m]:
                 do(m, picked[m], s)
