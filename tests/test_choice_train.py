@@ -1,7 +1,8 @@
 """``eval.metric: "choice"`` in the trainer: one real 2-rank ZeRO-3 run (torchrun, gloo) on
 stories260K with two eval files of commonsense rows (15 questions: the shards are uneven, so
-a rank without the dummy forward would hang in ZeRO-3's gathers). The per-file accuracies in
-metrics.jsonl and TensorBoard equal ``score_questions`` run in this process on the saved adapter."""
+a rank without the dummy forward would hang in ZeRO-3's gathers), in the text answer format. The
+per-file accuracies in metrics.jsonl and TensorBoard equal ``score_questions`` run in this process
+on the saved adapter; the training rows were built in the text format too."""
 from __future__ import annotations
 
 import json
@@ -32,7 +33,7 @@ def run(tmp_path_factory):
                  "format": "instruction", "max_length": 1024, "packing": False, "cache_dir": str(tmp / "cache")},
         "train": {"lr": 0.02, "max_steps": STEPS, "micro_batch_size": 2, "gradient_accumulation_steps": 1,
                   "seed": 1},
-        "eval": {"every_steps": STEPS, "max_batches": 2, "metric": "choice"},
+        "eval": {"every_steps": STEPS, "max_batches": 2, "metric": "choice", "answer_format": "text"},
         "checkpoint": {"every_steps": 100, "keep_last": 1},
         "output_dir": str(tmp / "out"),
         "deepspeed": str(ROOT / "configs" / "deepspeed" / "zero3.json"),
@@ -81,12 +82,15 @@ def test_accuracy_equals_in_process_scoring_of_the_adapter(run):
     qs = []
     for path in cfg["data"]["eval"]:
         rows = [json.loads(x) for x in Path(path).read_text().splitlines()]
-        qs += build_questions(rows, None, "label", Path(path).stem)
-    res = score_questions(model, tok, qs, answer_format="label")
+        qs += build_questions(rows, None, "text", Path(path).stem)
+    res = score_questions(model, tok, qs, answer_format="text")
     assert res.total == 15
     assert last["eval/choice_accuracy"] == pytest.approx(res.accuracy)
     for stem, a in res.per_source.items():
         assert last[f"eval/choice_accuracy/{stem}"] == pytest.approx(a)
+    # the run trained on rows rewritten to name the option's text (the cache is keyed by it)
+    (meta,) = (tmp / "cache").glob("*/meta.json")
+    assert json.loads(meta.read_text())["fingerprint"]["settings"]["answer_format"] == "text"
 
 
 def test_bad_choice_configs_fail_in_one_line(tmp_path):
