@@ -65,7 +65,11 @@ def trained(tmp_path_factory):
     common = [f"output_dir={tmp / 'out'}", f"data.train={both}", "data.format=text", "data.max_length=256",
               "data.eval_fraction=0", "train.max_steps=2", "train.micro_batch_size=2", "eval.every_steps=100",
               "checkpoint.every_steps=1", 'deepspeed={"zero_optimization": {"stage": 3}}']
-    return tmp, common, other
+    cases = REFUSED + BATCH + ACCEPTED + [("data.train", str(other)), ("data.contents", str(both))]
+    # trains the run, then tries each case: every test here reads this one run
+    proc = subprocess.run([sys.executable, "-c", HARNESS, str(TINY_CONFIG), json.dumps(common), json.dumps(cases)],
+                          cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=600)
+    return tmp, common, cases, proc
 
 
 REFUSED = [("train.seed", 43), ("data.format", "instruction"), ("data.max_length", 200), ("data.packing", "false"),
@@ -76,10 +80,7 @@ ACCEPTED = [("train.micro_batch_size+train.gradient_accumulation_steps", "1+2"),
 
 
 def test_resume_refuses_trajectory_changes_naming_the_field_and_accepts_the_rest(trained):
-    tmp, common, other = trained
-    cases = REFUSED + BATCH + ACCEPTED + [("data.train", str(other)), ("data.contents", str(tmp / "both.jsonl"))]
-    proc = subprocess.run([sys.executable, "-c", HARNESS, str(TINY_CONFIG), json.dumps(common), json.dumps(cases)],
-                          cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=600)
+    tmp, common, cases, proc = trained
     assert proc.returncode == 0, tail(proc.stdout + proc.stderr)
     # the minimal DeepSpeed section trained (batch keys filled from train) and checkpointed
     assert (tmp / "out" / "checkpoints" / "step_2").is_dir()
@@ -102,7 +103,8 @@ def test_resume_refuses_trajectory_changes_naming_the_field_and_accepts_the_rest
 
 
 def test_cli_refusal_is_one_line_with_exit_2(trained):
-    tmp, common, _ = trained
+    tmp, common, _, proc = trained
+    assert proc.returncode == 0, tail(proc.stdout + proc.stderr)
     args = ["--config", TINY_CONFIG, "--resume"]
     for item in common + ["train.seed=44"]:
         args += ["--set", item]
