@@ -92,9 +92,11 @@ def test_a_second_job_on_a_locked_output_dir_is_refused(tmp_path):
 def test_ranks_that_see_different_output_dirs_are_refused(tmp_path):
     args = ["--config", TINY_CONFIG, "--set", "train.max_steps=2", "--set", "data.max_length=16"]
     proc = run_train(args, nproc=2, env={"FAULT_NODE_LOCAL": str(tmp_path / "disks")}, script=FAULT_ENTRY)
-    # torchrun exits 1 for any failed worker; its summary lists each rank's own code
+    # torchrun exits 1 for any failed worker; its summary lists each rank's own code. Both ranks
+    # leave with 2 together, but torchrun SIGTERMs (-15) a worker it sees still running once the
+    # other has exited: which one is first is a race of milliseconds. No other code may appear.
     codes = re.findall(r"exitcode\s*:\s*(-?\d+)", proc.stderr)
-    assert proc.returncode == 1 and codes and set(codes) == {"2"}, tail(proc.stderr)
+    assert proc.returncode == 1 and "2" in codes and set(codes) <= {"2", "-15"}, tail(proc.stderr)
     errors = {line.split("error: ", 1)[1] for line in stderr_lines(proc.stderr) if "error: " in line}
     assert len(errors) == 1, errors
     error, = errors

@@ -97,6 +97,9 @@ class Checkpointer:
         finally:
             if view is not None:
                 view.remove()
+            # No rank leaves before rank 0's file is gone: torchrun stops the other workers as soon
+            # as one exits with an error, which would kill rank 0 mid-removal.
+            dist.barrier()
 
     def close(self) -> None:
         """The run is over (finished, failed or preempted): release output_dir's lock."""
