@@ -235,6 +235,7 @@ def slurm_local():
         cluster.down()
 
 
+@pytest.hookimpl(tryfirst=True)     # before xdist's own hook turns the marks into groups
 def pytest_collection_modifyitems(config, items):
     """Run the suite on two workers (pytest-xdist, ``-n 2 --dist loadgroup``) without paying twice
     for what a file shares: every test of a file goes to one worker (its module fixtures are built
