@@ -693,11 +693,17 @@ def cs_run(method: str, lr: float, seed: int, *, model_name: str, train, pad, to
                 break
     train_s = time.perf_counter() - t0
     t1 = time.perf_counter()
+    correct = None
     if losses and not math.isfinite(losses[-1]):
         acc, per = float("nan"), {}
     else:
         res = score()
         acc, per = res.accuracy, dict(res.per_source)
+        # per eval file, one character per question in `questions` order: the paired comparison's
+        # input (--report)
+        correct = {}
+        for i, q in enumerate(questions):
+            correct[q.source] = correct.get(q.source, "") + ("1" if res.picks.get(i) == q.answer else "0")
     eval_s = time.perf_counter() - t1
     n_by = {}
     for q in questions:
@@ -708,7 +714,17 @@ def cs_run(method: str, lr: float, seed: int, *, model_name: str, train, pad, to
                 pooled_accuracy=float(acc), questions=n_by, train_loss_first=losses[0] if losses else None,
                 train_loss_last=statistics.fmean(losses[-5:]) if losses else None, steps=len(losses),
                 train_s=train_s, eval_s=eval_s, wall_s=time.perf_counter() - t_start, curve=curve,
-                load_avg=common._loads())
+                load_avg=common._loads(), correct=correct, questions_id=cs_questions_id(questions))
+
+
+def cs_questions_id(questions) -> str:
+    """A short hash of the scored questions in order: two runs' ``correct`` strings pair up only
+    when it matches."""
+    import hashlib
+    h = hashlib.sha256()
+    for q in questions:
+        h.update(f"{q.source}\0{q.prompt}\0{q.answer}\n".encode())
+    return h.hexdigest()[:16]
 
 
 def _file_order(stems) -> list:
@@ -750,7 +766,9 @@ def cs_summarize(methods: list, runs: dict, picked_lr: dict, grids: dict) -> dic
                       train_s=_mean_std([r["train_s"] for r in rs])[0], eval_s=_mean_std([r["eval_s"] for r in rs])[0],
                       train_loss_last=rs[0]["train_loss_last"], load_avg=[r["load_avg"] for r in rs],
                       curves={str(r["seed"]): r["curve"] for r in rs if r.get("curve")},
-                      per_seed_accuracy={str(r["seed"]): r["accuracy"] for r in rs})
+                      per_seed_accuracy={str(r["seed"]): r["accuracy"] for r in rs},
+                      per_seed_correct={str(r["seed"]): [r["questions_id"], r["correct"]] for r in rs
+                                        if r.get("correct")})
     return out
 
 
@@ -835,8 +853,56 @@ def _merge_seeds(a: dict, b: dict) -> dict:
     return dict(a, accuracy={f: statistics.fmean(acc[f] for acc in per.values() if f in acc) for f in files},
                 mean_accuracy=mean, std=std, seeds=sorted(int(k) for k in per), per_seed_mean=means,
                 per_seed_accuracy=per, curves={**a.get("curves", {}), **b.get("curves", {})},
+                per_seed_correct={**a.get("per_seed_correct", {}), **b.get("per_seed_correct", {})},
                 train_s=statistics.fmean([a["train_s"], b["train_s"]]), eval_s=statistics.fmean([a["eval_s"], b["eval_s"]]),
                 load_avg=a.get("load_avg", []) + b.get("load_avg", []))
+
+
+def _paired_bits(a: dict, b: dict, base_b: bool) -> list:
+    """(seed, a's per-file strings, b's) for the seeds both ran on the same questions; the frozen
+    base is one deterministic run, paired with every seed of the other method."""
+    pa, pb = a.get("per_seed_correct", {}), b.get("per_seed_correct", {})
+    if base_b and len(pb) == 1:
+        only = next(iter(pb.values()))
+        pb = {s: only for s in pa}
+    return [(s, pa[s][1], pb[s][1]) for s in sorted(set(pa) & set(pb), key=int) if pa[s][0] == pb[s][0]]
+
+
+def cs_paired(result, ref: str = "prop_k15", reps: int = 4000) -> str:
+    """``ref`` against every other method on the same dev questions: the macro-mean difference
+    (ref - other) averaged over the seeds both ran, with a 95% interval from a paired bootstrap over
+    questions (each file resampled on its own, the same draw for both methods and every seed), and
+    the questions only one of the two got right (summed over those seeds)."""
+    import numpy as np
+    ms = result["methods"]
+    if ref not in ms or not ms[ref].get("per_seed_correct"):
+        return ""
+    rng = np.random.default_rng(0)
+    rows = []
+    for name, other in ms.items():
+        if name == ref:
+            continue
+        pairs = _paired_bits(ms[ref], other, name == "base")
+        if not pairs:
+            continue
+        files = sorted(pairs[0][1])
+        diff, boot, only_ref, only_other = 0.0, np.zeros(reps), 0, 0
+        for f in files:
+            a = np.array([[c == "1" for c in p[1][f]] for p in pairs], dtype=float)   # seeds x questions
+            b = np.array([[c == "1" for c in p[2][f]] for p in pairs], dtype=float)
+            d = (a - b).mean(axis=0)                       # per question, averaged over seeds
+            diff += d.mean() / len(files)
+            idx = rng.integers(0, d.size, size=(reps, d.size))
+            boot += d[idx].mean(axis=1) / len(files)
+            only_ref += int(((a == 1) & (b == 0)).sum())
+            only_other += int(((a == 0) & (b == 1)).sum())
+        lo, hi = np.percentile(boot, [2.5, 97.5])
+        rows.append([f"{ms[ref]['label']} - {other['label']}", ", ".join(p[0] for p in pairs),
+                     f"{100 * diff:+.1f}", f"[{100 * lo:+.1f}, {100 * hi:+.1f}]", f"{only_ref} / {only_other}"])
+    if not rows:
+        return ""
+    return common.markdown_table(["paired on the same questions", "seeds", "macro diff (points)",
+                                  "95% bootstrap interval", "only first right / only second right"], rows)
 
 
 def commonsense_report(paths: list, merge_png: str | None = None) -> int:
@@ -859,6 +925,8 @@ def commonsense_report(paths: list, merge_png: str | None = None) -> int:
         print(cs_header(result) + "\n")
         print(f"`{result.get('command', '?')}`\n")
         print(cs_table(result) + "\n")
+        if cs_paired(result):
+            print(cs_paired(result) + "\n")
         curves = cs_curves(result)
         if curves:
             print(curves + "\n")
@@ -872,6 +940,9 @@ def commonsense_report(paths: list, merge_png: str | None = None) -> int:
                 merged["methods"][m] = v if have is None else _merge_seeds(have, v)
         print(f"### merged: {', '.join(merged['methods'])}\n")
         print(cs_table(merged) + "\n")
+        paired = cs_paired(merged)
+        if paired:
+            print(paired + "\n")
         if merge_png:     # --json OUT with --report: the merged table as JSON, its plot beside it
             out = Path(merge_png)
             if out.suffix == ".json":

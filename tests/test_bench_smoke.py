@@ -90,6 +90,11 @@ def test_quality_commonsense_quick_json_contract(tmp_path):
         assert all(0.0 <= a <= 1.0 for a in r["accuracy"].values())
         assert r["mean_accuracy"] == pytest.approx(sum(r["accuracy"].values()) / len(stems))
         assert r["std"] == 0.0                                  # one seed
+        # the per-question record (the paired comparison's input) says what the accuracy says
+        (qid, bits), = r["per_seed_correct"].values()
+        assert set(bits) == stems and len(qid) == 16
+        for f, b in bits.items():
+            assert len(b) == 3 and b.count("1") / len(b) == pytest.approx(r["accuracy"][f])
     # trainable counts from the model itself: the scale methods train one value per output channel
     # of every decoder linear (the "All" variant adds the embedding's and lm_head's channels).
     model = AutoModelForCausalLM.from_pretrained(str(ROOT / "assets" / "stories260K"), dtype=torch.float32)
@@ -127,6 +132,36 @@ def test_quality_commonsense_pick_is_best_dev_accuracy_on_seed_0():
     assert quality.cs_pick(runs) == 3e-3
     tie = [{"lr": 2e-3, "seed": 0, "mean_accuracy": 0.5}, {"lr": 1e-3, "seed": 0, "mean_accuracy": 0.5}]
     assert quality.cs_pick(tie) == 1e-3
+
+
+def test_quality_commonsense_paired_comparison_on_the_same_questions():
+    """Pairs come from the seeds both methods ran on the same questions (the base, deterministic,
+    pairs with every seed); the difference is the macro one, averaged over those seeds."""
+    from bench import quality
+
+    def m(label, per_seed):
+        return {"label": label, "per_seed_correct": {s: [qid, bits] for s, (qid, bits) in per_seed.items()}}
+    a0 = {"f1": "1100", "f2": "10"}   # f1 50%, f2 50%
+    a1 = {"f1": "1110", "f2": "11"}   # 75%, 100%
+    b0 = {"f1": "0001", "f2": "00"}   # 25%, 0%
+    b1 = {"f1": "0110", "f2": "01"}   # 50%, 50%
+    result = {"methods": {
+        "prop_k15": m("P", {"0": ("q", a0), "1": ("q", a1), "2": ("q", a0)}),
+        "lora": m("L", {"0": ("q", b0), "1": ("q", b1), "2": ("other questions", b0)}),
+        "base": m("B", {"0": ("q", b0)}),
+        "ia3": m("I", {"5": ("q", b0)}),          # no seed in common: no row
+    }}
+    table = quality.cs_paired(result)
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in table.splitlines()[2:]}
+    assert set(rows) == {"P - L", "P - B"}
+    # seed 0: (50-25 + 50-0)/2 = 37.5; seed 1: (75-50 + 100-50)/2 = 37.5; seed 2 ran other questions
+    assert rows["P - L"][:2] == ["0, 1", "+37.5"]
+    assert rows["P - L"][3] == "5 / 1"      # seed 0: 2 + 1 / 1, seed 1: 1 + 1 / 0
+    # base against seeds 0, 1, 2: 37.5, (75-25 + 100-0)/2 = 75, 37.5 -> 50
+    assert rows["P - B"][:2] == ["0, 1, 2", "+50.0"]
+    lo, hi = (float(x) for x in rows["P - B"][2].strip("[]").split(","))
+    assert lo <= 50.0 <= hi and lo < hi
 
 
 def test_quality_commonsense_bad_eval_file_is_one_line(tmp_path):

@@ -73,12 +73,15 @@ def build_questions(rows, template: Optional[str], answer_format: str, source: s
 
 @dataclass
 class ChoiceResult:
-    """Counts over all ranks. ``complete`` is False when ``should_stop`` cut the scoring short."""
+    """Counts over all ranks. ``complete`` is False when ``should_stop`` cut the scoring short.
+    ``picks``: question index -> picked candidate, for the questions this rank scored (all of them
+    on one rank): what a paired comparison of two models on the same questions needs."""
     correct: int = 0
     total: int = 0
     source_correct: dict = field(default_factory=dict)
     source_total: dict = field(default_factory=dict)
     complete: bool = True
+    picks: dict = field(default_factory=dict)
 
     @property
     def accuracy(self) -> float:
@@ -205,6 +208,7 @@ def score_questions(model, tokenizer, questions: Sequence[ChoiceQuestion], *, an
     distributed = world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
     reduce_dev = device if distributed and torch.distributed.get_backend() == "nccl" else torch.device("cpu")
     complete = True
+    picks = {}
     bar = None
     if progress and rank == 0:
         from tqdm import tqdm
@@ -243,7 +247,8 @@ def score_questions(model, tokenizer, questions: Sequence[ChoiceQuestion], *, an
                     sc = sums[k:k + m] if answer_format == "label" else [s / n for s, n in zip(sums[k:k + m], ns[k:k + m])]
                     k += m
                     j = src_idx[q.source]
-                    counts[2 * j] += float(pick(sc) == q.answer)
+                    picks[qi] = pick(sc)
+                    counts[2 * j] += float(picks[qi] == q.answer)
                     counts[2 * j + 1] += 1.0
     finally:
         model.train(was_training)
@@ -253,7 +258,7 @@ def score_questions(model, tokenizer, questions: Sequence[ChoiceQuestion], *, an
         t = torch.tensor(counts, dtype=torch.float64, device=reduce_dev)
         torch.distributed.all_reduce(t)
         counts = t.cpu().tolist()
-    res = ChoiceResult(complete=complete)
+    res = ChoiceResult(complete=complete, picks=picks)
     for s, j in src_idx.items():
         c, n = int(round(counts[2 * j])), int(round(counts[2 * j + 1]))
         res.source_correct[s], res.source_total[s] = c, n
