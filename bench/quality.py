@@ -854,7 +854,9 @@ def _merge_seeds(a: dict, b: dict) -> dict:
                 mean_accuracy=mean, std=std, seeds=sorted(int(k) for k in per), per_seed_mean=means,
                 per_seed_accuracy=per, curves={**a.get("curves", {}), **b.get("curves", {})},
                 per_seed_correct={**a.get("per_seed_correct", {}), **b.get("per_seed_correct", {})},
-                train_s=statistics.fmean([a["train_s"], b["train_s"]]), eval_s=statistics.fmean([a["eval_s"], b["eval_s"]]),
+                # weighted by seeds: a merged side already averages its seeds
+                train_s=(a["train_s"] * len(pa) + b["train_s"] * len(pb)) / len(per),
+                eval_s=(a["eval_s"] * len(pa) + b["eval_s"] * len(pb)) / len(per),
                 load_avg=a.get("load_avg", []) + b.get("load_avg", []))
 
 

@@ -164,6 +164,28 @@ def test_quality_commonsense_paired_comparison_on_the_same_questions():
     assert lo <= 50.0 <= hi and lo < hi
 
 
+def test_quality_commonsense_merges_seeds_from_several_files():
+    """--report over per-seed files: one method's seeds pooled when the LR matches (mean and std of
+    the per-seed means, times weighted by seeds); another LR is not mixed in."""
+    import statistics
+    from bench import quality
+
+    def one(seed, acc, lr=1e-3, train_s=60.0):
+        return {"lr": lr, "seeds": [seed], "accuracy": acc, "mean_accuracy": statistics.fmean(acc.values()),
+                "std": 0.0, "train_s": train_s, "eval_s": 6.0, "per_seed_accuracy": {str(seed): acc}}
+    runs = [one(0, {"f1": 0.4, "f2": 0.6}), one(1, {"f1": 0.5, "f2": 0.5}, train_s=120.0),
+            one(2, {"f1": 0.3, "f2": 0.3}, train_s=180.0)]
+    merged = quality._merge_seeds(quality._merge_seeds(runs[0], runs[1]), runs[2])
+    assert merged["seeds"] == [0, 1, 2]
+    assert merged["per_seed_mean"] == pytest.approx([0.5, 0.5, 0.3])
+    assert merged["mean_accuracy"] == pytest.approx(statistics.fmean([0.5, 0.5, 0.3]))
+    assert merged["std"] == pytest.approx(statistics.stdev([0.5, 0.5, 0.3]))
+    assert merged["accuracy"] == pytest.approx({"f1": 0.4, "f2": 0.4667}, abs=1e-4)
+    assert merged["train_s"] == pytest.approx(120.0)
+    other_lr = one(3, {"f1": 0.9, "f2": 0.9}, lr=2e-3)
+    assert quality._merge_seeds(merged, other_lr) is merged
+
+
 def test_quality_commonsense_bad_eval_file_is_one_line(tmp_path):
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     proc = subprocess.run([sys.executable, "bench/quality.py", "--task", "commonsense", "--quick",
