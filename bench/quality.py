@@ -927,8 +927,9 @@ def commonsense_report(paths: list, merge_png: str | None = None) -> int:
         print(cs_header(result) + "\n")
         print(f"`{result.get('command', '?')}`\n")
         print(cs_table(result) + "\n")
-        if cs_paired(result):
-            print(cs_paired(result) + "\n")
+        paired = cs_paired(result)
+        if paired:
+            print(paired + "\n")
         curves = cs_curves(result)
         if curves:
             print(curves + "\n")
