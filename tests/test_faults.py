@@ -576,3 +576,23 @@ def test_persistent_nan_stops_with_exit_3_naming_the_last_good_checkpoint(data, 
         f"{out / 'checkpoints' / 'step_4'}")
     assert check_checkpoints(out, world=1) == 4
     assert steps_done(out) == 4
+
+
+def test_resume_that_cannot_rewrite_metrics_stops_as_a_metrics_write_error(tmp_path):
+    """Resuming truncates metrics.jsonl to the checkpoint's step; when rank 0 cannot rewrite it,
+    the run stops with the metrics-write error (checked collectively) and the file is intact."""
+    from propulsion_ds.errors import OutputWriteError
+    from propulsion_ds.train.metrics import MetricsSink
+    sink = MetricsSink(tmp_path, rank=0, every_steps=1)
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "cut sh')
+    sink.rewind(2)
+    sink.check("step_2")
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
+    path.write_text('{"step": 1}\n{"step": 2}\n')
+    (tmp_path / f"metrics.jsonl.tmp{os.getpid()}").mkdir()    # the atomic rewrite's temp name
+    sink.rewind(1)
+    with pytest.raises(OutputWriteError, match=f"rank 0 could not write metrics or TensorBoard events "
+                                               f"under {tmp_path} .*newest checkpoint: step_0"):
+        sink.check("step_0")
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n'

@@ -215,20 +215,23 @@ class MetricsSink:
             f"newest checkpoint: {last_good} (resume with --resume)")
 
     def rewind(self, step: int) -> None:
-        """Rank 0, on resume: drop records after ``step`` so metrics.jsonl reads as one
+        """On resume: rank 0 drops records after ``step`` so metrics.jsonl reads as one
         uninterrupted run. A line a kill cut short (no newline, not JSON) is dropped too."""
         path = self.out / METRICS_FILE
-        if self.rank != 0 or not path.is_file():
-            return
-        keep = []
-        for line in path.read_text(errors="replace").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
-                keep.append(line)
-        write_text_atomic(path, "".join(line + "\n" for line in keep))
+
+        def truncate():
+            if not path.is_file():
+                return
+            keep = []
+            for line in path.read_text(errors="replace").splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+                    keep.append(line)
+            write_text_atomic(path, "".join(line + "\n" for line in keep))
+        self.rank0(truncate)          # a failure is a metrics write error, raised by the next check
 
     def close(self) -> None:
         self.close_bar()

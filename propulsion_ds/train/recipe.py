@@ -266,7 +266,7 @@ class Trainer:
         for change in self.ds.apply_settings(self.cfg.train, self.max_steps, self.progress.step, previous):
             log.info("step %d: %s", self.progress.step, change)
         self.sink.rewind(self.progress.step)
-        dist.barrier()
+        self.sink.check(self.ckpt.last_good())  # collective: every rank stops if rank 0 could not
 
     def cleanup(self) -> None:
         if self.sink is not None:
