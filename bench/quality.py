@@ -607,6 +607,20 @@ def _autocast(bf16: bool):
     return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
+def target_loss(model, batch: dict):
+    """``model(**batch).loss`` (mean next-token cross-entropy over the targets), with the lm_head
+    applied only at target positions: the prompt's logits (49k-wide on SmolLM2) are never made.
+    Works on a transformers causal LM and on a peft wrapper of one (its layers are injected)."""
+    import torch
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    labels = batch["labels"][:, 1:]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    hidden = lm.get_decoder()(**inputs, use_cache=False).last_hidden_state[:, :-1]
+    targets = labels != -100
+    logits = lm.get_output_embeddings()(hidden[targets])
+    return torch.nn.functional.cross_entropy(logits.float(), labels[targets])
+
+
 def cs_measure_bf16(model_name: str, train, pad, micro_batch: int) -> dict:
     """Seconds for one fwd+bwd of the first training batch in fp32 and under bf16 autocast (after
     one warm-up each), on the frozen model with every parameter trainable (the worst case)."""
@@ -669,7 +683,7 @@ def cs_run(method: str, lr: float, seed: int, *, model_name: str, train, pad, to
         while step < steps:
             for idx in data.epoch_batches(train, micro_batch, 0, 1, seed, step // per_epoch):
                 with _autocast(bf16):
-                    loss = model(**data.get_batch(train, idx, pad)).loss
+                    loss = target_loss(model, data.get_batch(train, idx, pad))
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()

@@ -280,3 +280,34 @@ def test_memory_check_compares_planner_with_measured_delta():
     assert ok[0]["within"] and not bad[0]["within"]
     assert ok[0]["ratio"] == pytest.approx(1.05)
     assert "| ZeRO-3 | propulsion |" in memory_check.table(ok)
+
+
+@pytest.mark.parametrize("method", ["prop_k15", "prop_all", "ia3", "lora", "full"])
+def test_quality_target_only_loss_equals_the_models_loss_and_gradients(method):
+    """The bench's training loss makes logits only at target positions; the loss and every
+    trainable gradient equal the model's own (full-logits) loss on packed, varied-length rows."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from bench import common, quality
+    from propulsion_ds import data
+    mix = quality.cs_train_mix(quality.CS_SAMPLE, 16)
+    train, pad, _ = quality.cs_train_data(mix, "text", 256, "stories260K")
+    batch = data.get_batch(train, [0, 1, 2], pad)
+    assert "position_ids" in batch and (batch["position_ids"] == 0).sum() > 3     # several documents a row
+    assert 0 < (batch["labels"] != -100).float().mean() < 0.5                      # prompts are not targets
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(common.model_path("stories260K")), dtype=torch.float32)
+    model = quality.apply_method(model, method)
+    with torch.no_grad():    # move the scales off 1 so that the layers' outputs matter
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.01 * torch.randn_like(p))
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = []
+    for loss_fn in (lambda: model(**batch).loss, lambda: quality.target_loss(model, batch)):
+        loss = loss_fn()
+        grads.append((loss.detach(), torch.autograd.grad(loss, params)))
+    (ref, ref_g), (got, got_g) = grads
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    for a, b in zip(got_g, ref_g):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
