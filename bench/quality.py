@@ -295,7 +295,7 @@ def main(argv=None) -> int:
     cs.add_argument("--eval-questions", dest="eval_questions", type=int, default=None,
                     help="score only the first N questions of each eval file (default: all)")
     cs.add_argument("--bf16", choices=["auto", "on", "off"], default="on",
-                    help="bf16 autocast (fp32 master weights) for training and scoring; default on: 2.3x "
+                    help="bf16 autocast (fp32 master weights) for training (scoring is fp32); default on: 2.3x "
                          "faster fwd+bwd on this project's 2-core AMX machine (docs/QUALITY.md); auto: "
                          "time one fwd+bwd both ways first and use bf16 if 1.2x faster (only on an idle "
                          "machine: under contention the timing says nothing)")
@@ -525,6 +525,19 @@ CS_GRIDS = {"prop_k15": [5e-4, 1e-3, 2e-3, 4e-3], "prop_all": [5e-4, 1e-3, 2e-3]
 CS_DEFAULT_FORMAT = "text"
 
 
+# How a result was scored; files scored otherwise are not merged into one table (--report).
+CS_SCORING = "fp32, each question's prompt once for all its candidates"
+CS_SCORING_BEFORE = "bf16 autocast, each candidate a separate sequence"   # results before 2026-12-06 16:30
+# settings that must agree for two result files to share a table (seeds and LR may differ)
+CS_PROTOCOL = ("model", "train_rows", "steps", "micro_batch", "max_length", "warmup", "answer_format",
+               "bf16", "scoring")
+
+
+def _protocol(result: dict) -> dict:
+    s = result.get("settings", {})
+    return {k: s.get(k, CS_SCORING_BEFORE if k == "scoring" else None) for k in CS_PROTOCOL}
+
+
 def _die(msg: str):
     """Bad input: one line naming the file or option, exit code 2."""
     print(f"quality.py: {msg}", file=sys.stderr)
@@ -667,8 +680,10 @@ def cs_run(method: str, lr: float, seed: int, *, model_name: str, train, pad, to
     losses, curve = [], []
 
     def score():
+        # fp32 whatever the training precision: two bf16 kernel paths (a prompt run once or once
+        # per candidate) pick differently on ~5% of questions, fp32 ones on none (docs/QUALITY.md)
         model.eval()
-        with torch.no_grad(), _autocast(bf16):
+        with torch.no_grad():
             res = choice.score_questions(model, tok, questions, answer_format=answer_format, progress=verbose)
         model.train()
         return res
@@ -921,6 +936,23 @@ def cs_paired(result, ref: str = "prop_k15", reps: int = 4000) -> str:
                                   "95% bootstrap interval", "only first right / only second right"], rows)
 
 
+def cs_merge(results: list, names: list) -> tuple[dict, list]:
+    """One table of every method of ``results`` (the first naming a method gives its LR; seeds at
+    that LR are pooled), and a line for each result left out because it ran under another protocol
+    than the first (steps, data, precision, scoring: its numbers would not be comparable)."""
+    merged = dict(next((r for r in results if "settings" in r), results[0]), methods={})
+    want, refused = _protocol(merged), []
+    for name, r in zip(names, results):
+        if "settings" in r and _protocol(r) != want:
+            diff = ", ".join(f"{k} {v!r} vs {want[k]!r}" for k, v in _protocol(r).items() if v != want[k])
+            refused.append(f"not merged: {name} was run under another protocol ({diff})")
+            continue
+        for m, v in r["methods"].items():
+            have = merged["methods"].get(m)
+            merged["methods"][m] = v if have is None else _merge_seeds(have, v)
+    return merged, refused
+
+
 def commonsense_report(paths: list, merge_png: str | None = None) -> int:
     import json as _json
     finished = []
@@ -949,12 +981,10 @@ def commonsense_report(paths: list, merge_png: str | None = None) -> int:
             print(curves + "\n")
         cs_plot(result, Path(p).with_suffix(".png"))
         finished.append(result)
-    if len(finished) > 1:          # one table of every method (the first file naming a method wins)
-        merged = dict(next((r for r in finished if "settings" in r), finished[0]), methods={})
-        for r in finished:
-            for m, v in r["methods"].items():
-                have = merged["methods"].get(m)
-                merged["methods"][m] = v if have is None else _merge_seeds(have, v)
+    if len(finished) > 1:
+        merged, refused = cs_merge(finished, paths)
+        for line in refused:
+            print(line + "\n")
         print(f"### merged: {', '.join(merged['methods'])}\n")
         print(cs_table(merged) + "\n")
         paired = cs_paired(merged)
@@ -1053,6 +1083,7 @@ def commonsense_main(args, fixed: dict) -> int:
                                 steps=steps, micro_batch=micro, max_length=max_length, warmup=warmup,
                                 schedule="cosine", optimizer="AdamW(wd=0), clip 1.0", seeds=seeds,
                                 sweep=bool(args.sweep), answer_format=fmt, template="Alpaca", bf16=bf16,
+                                scoring=CS_SCORING, loss="logits at target positions only",
                                 bf16_check=meas, quick=quick,
                                 mean_accuracy="unweighted mean over eval files of each file's accuracy "
                                               "(pooled_accuracy: over all questions)"),

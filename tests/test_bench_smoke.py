@@ -184,6 +184,17 @@ def test_quality_commonsense_merges_seeds_from_several_files():
     assert merged["train_s"] == pytest.approx(120.0)
     other_lr = one(3, {"f1": 0.9, "f2": 0.9}, lr=2e-3)
     assert quality._merge_seeds(merged, other_lr) is merged
+    # whole files: one run under another protocol (or an older scoring) is left out, with the reason
+    settings = {"model": "m", "steps": 200, "train_rows": 3200, "bf16": True, "scoring": quality.CS_SCORING}
+    files = [{"settings": settings, "methods": {"prop_k15": runs[0]}},
+             {"settings": settings, "methods": {"prop_k15": runs[1]}},
+             {"settings": dict(settings, steps=100), "methods": {"prop_k15": runs[2], "ia3": runs[2]}},
+             {"settings": {k: v for k, v in settings.items() if k != "scoring"}, "methods": {"lora": runs[2]}}]
+    table, refused = quality.cs_merge(files, ["a", "b", "c", "d"])
+    assert set(table["methods"]) == {"prop_k15"} and table["methods"]["prop_k15"]["seeds"] == [0, 1]
+    assert refused == ["not merged: c was run under another protocol (steps 100 vs 200)",
+                       f"not merged: d was run under another protocol (scoring {quality.CS_SCORING_BEFORE!r} "
+                       f"vs {quality.CS_SCORING!r})"]
 
 
 def test_quality_commonsense_bad_eval_file_is_one_line(tmp_path):

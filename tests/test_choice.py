@@ -202,3 +202,53 @@ def test_should_stop_marks_incomplete(stories):
     qs = few_questions("label", per_task=1)
     res = score_questions(model, tok, qs, answer_format="label", batch_questions=1, should_stop=lambda: True)
     assert not res.complete and res.total == 0
+
+
+def _shared_vs_alone(model, groups, kind):
+    from propulsion_ds.eval.choice import _shared_prompt_scores
+    with torch.no_grad():
+        got, counts = _shared_prompt_scores(model, groups, 0, torch.device("cpu"), True, kind, torch)
+    want = [_plain_loglik(model, ids, s) for g in groups for ids, s in g]
+    assert counts == [len(ids) - s for g in groups for ids, s in g]
+    return got, want
+
+
+@pytest.mark.parametrize("kind", ["sdpa", "eager"])
+def test_shared_prompt_scores_equal_each_candidate_alone(stories, kind):
+    """One row per question (prompt once, candidates side by side under a 4D mask, padded to the
+    longest question) gives each candidate the score of its own unpadded forward."""
+    from transformers import AutoModelForCausalLM
+    _, tok = stories
+    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, attn_implementation=kind).eval()
+    groups = [encode_candidates(tok, q) for q in few_questions("text", per_task=2)]
+    assert len({len(g[0][0]) for g in groups}) > 3                    # questions of varied length
+    got, want = _shared_vs_alone(model, groups, kind)
+    torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), torch.tensor(want, dtype=torch.float64),
+                               rtol=1e-5, atol=1e-4)
+
+
+def test_shared_prompt_with_candidates_that_split_the_prompt_differently():
+    """Candidates whose first completion token starts at different places (a tokenizer merged the
+    prompt's end into one of them), on a model with q/k/v biases."""
+    from helpers import tiny_qwen2
+    model = tiny_qwen2().eval()
+    g = torch.Generator().manual_seed(0)
+    groups = []
+    for n in (9, 17, 5):
+        prompt = torch.randint(1, 128, (n,), generator=g).tolist()
+        cands = []
+        for j, (cut, extra) in enumerate([(0, 3), (1, 4), (2, 1), (0, 6)]):
+            ids = prompt[:n - cut] + torch.randint(1, 128, (cut + extra,), generator=g).tolist()
+            cands.append((ids, n - cut))
+        groups.append(cands)
+    got, want = _shared_vs_alone(model, groups, "sdpa")
+    torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), torch.tensor(want, dtype=torch.float64),
+                               rtol=1e-5, atol=1e-4)
+
+
+def test_shared_prompt_picks_what_separate_sequences_pick(stories):
+    model, tok = stories
+    qs = few_questions("text", per_task=2)
+    a = score_questions(model, tok, qs, answer_format="text", batch_questions=3, shared_prompt=True)
+    b = score_questions(model, tok, qs, answer_format="text", batch_questions=3, shared_prompt=False)
+    assert a.picks == b.picks and a.correct == b.correct and len(a.picks) == len(qs)

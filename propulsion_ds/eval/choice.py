@@ -140,6 +140,14 @@ def _keeps_logits(model) -> bool:
     return False
 
 
+def _attention_kind(model) -> Optional[str]:
+    """'sdpa' or 'eager' when the model takes a custom 4D attention mask (transformers passes one
+    through as is to those two kernels); None otherwise (flash kernels: no shared prompts)."""
+    from propulsion_ds.data.pack import attn_implementation
+    kind = attn_implementation(_unwrap(model))
+    return kind if kind in ("sdpa", "eager") else None
+
+
 def _forward_scores(model, seqs: list[tuple[list[int], int]], pad_id: int, device, keep_logits: bool, torch):
     """Summed log-likelihood and token count of each sequence's completion, one padded forward."""
     T = max(len(ids) for ids, _ in seqs)
@@ -152,20 +160,74 @@ def _forward_scores(model, seqs: list[tuple[list[int], int]], pad_id: int, devic
     # right padding: every row's positions are 0..len-1, pads come after and are masked
     pos = torch.arange(T, dtype=torch.long).unsqueeze(0).expand(B, T).contiguous()
     first = min(s for _, s in seqs) - 1  # the earliest position whose logits predict a completion token
-    kw = {}
-    if keep_logits:
-        kw["logits_to_keep"] = T - first
+    logits, off = _logits(model, ids, mask, pos, first, device, keep_logits)
+    return _completion_scores(logits, [(b, list(range(len(x))), x, s) for b, (x, s) in enumerate(seqs)], off, torch)
+
+
+def _logits(model, ids, mask, pos, first: int, device, keep_logits: bool):
+    """Logits from position ``first`` on (all of them without ``logits_to_keep``), and the
+    position of the first one returned."""
+    T = ids.shape[1]
+    kw = {"logits_to_keep": T - first} if keep_logits else {}
     out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device), **kw)
     logits = out.logits if hasattr(out, "logits") else out[0]
-    off = T - logits.shape[1]  # position of logits[:, 0]
+    return logits, T - logits.shape[1]
+
+
+def _completion_scores(logits, where: list, off: int, torch):
+    """``where``: per candidate (row, the row index of each of its tokens, its token ids, index of its
+    first completion token). Token t is predicted by the logits at token t-1's place in the row."""
     sums, counts = [], []
-    for b, (x, s) in enumerate(seqs):
-        lg = logits[b, s - 1 - off:len(x) - 1 - off].float()
+    for b, place, x, s in where:
+        rows = torch.tensor(place[s - 1:len(x) - 1], dtype=torch.long, device=logits.device) - off
+        lg = logits[b].index_select(0, rows).float()
         tgt = torch.tensor(x[s:], dtype=torch.long, device=lg.device)
         lp = torch.log_softmax(lg, dim=-1).gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
         sums.append(float(lp.double().sum()))
         counts.append(len(x) - s)
     return sums, counts
+
+
+def _shared_prompt_scores(model, groups: list[list[tuple[list[int], int]]], pad_id: int, device,
+                          keep_logits: bool, kind: str, torch):
+    """Like ``_forward_scores``, with one row per question: the tokens its candidates share, then
+    each candidate's own tokens. A 4D mask lets each candidate's tokens see the shared part and
+    their own earlier tokens only, and their positions continue from the shared part, so each
+    candidate is scored as if it were alone after its prompt, while the prompt runs once."""
+    layouts = []
+    for cands in groups:
+        m = min(s for _, s in cands)      # tokens 0..m-1 are the same in every candidate
+        row, where, spans = list(cands[0][0][:m]), [], []
+        for x, s in cands:
+            start = len(row)
+            row += x[m:]
+            where.append((list(range(m)) + list(range(start, len(row))), x, s))
+            spans.append((start, len(row)))
+        layouts.append((row, m, where, spans))
+    T = max(len(row) for row, *_ in layouts)
+    B = len(layouts)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    pos = torch.zeros((B, T), dtype=torch.long)
+    allowed = torch.zeros((B, 1, T, T), dtype=torch.bool)
+    causal = torch.ones((T, T), dtype=torch.bool).tril()
+    for b, (row, m, _, spans) in enumerate(layouts):
+        ids[b, :len(row)] = torch.tensor(row, dtype=torch.long)
+        pos[b, :m] = torch.arange(m)
+        allowed[b, 0, :m, :m] = causal[:m, :m]
+        for a, e in spans:
+            pos[b, a:e] = torch.arange(m, m + e - a)
+            allowed[b, 0, a:e, :m] = True
+            allowed[b, 0, a:e, a:e] = causal[:e - a, :e - a]
+        idx = torch.arange(len(row), T)
+        allowed[b, 0, idx, idx] = True     # a pad sees itself only: no row of the softmax is empty
+    if kind == "eager":                    # eager adds the mask to the scores
+        mask = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    else:
+        mask = allowed
+    first = min(m for _, m, _, _ in layouts) - 1
+    logits, off = _logits(model, ids, mask, pos, first, device, keep_logits)
+    where = [(b, place, x, s) for b, (_, _, w, _) in enumerate(layouts) for place, x, s in w]
+    return _completion_scores(logits, where, off, torch)
 
 
 def pick(scores: Sequence[float]) -> int:
@@ -179,13 +241,18 @@ def pick(scores: Sequence[float]) -> int:
 
 def score_questions(model, tokenizer, questions: Sequence[ChoiceQuestion], *, answer_format: str,
                     device=None, rank: int = 0, world_size: int = 1, batch_questions: int = 8,
-                    should_stop: Optional[Callable[[], bool]] = None, progress: bool = False) -> ChoiceResult:
+                    should_stop: Optional[Callable[[], bool]] = None, progress: bool = False,
+                    shared_prompt: bool = True) -> ChoiceResult:
     """Score every question, sharded over ranks, and return the counts summed over all ranks.
 
     Rank r scores questions r, r + world_size, ...: each question once over the ranks, so the
     accuracy is the same for any world size. Every rank runs the same number of forwards (short
     shards repeat a question whose result is discarded), so under ZeRO-3 the parameter gathers
     of every rank line up. Collective when ``world_size > 1``: call it on every rank.
+
+    ``shared_prompt`` (sdpa and eager kernels): one row per question, its prompt run once for all
+    its candidates (a 4D mask keeps each candidate apart); the scores are those of separate
+    sequences up to float rounding, at about a third of the tokens for four short candidates.
     """
     import torch
 
@@ -202,9 +269,14 @@ def score_questions(model, tokenizer, questions: Sequence[ChoiceQuestion], *, an
     src_idx = {s: i for i, s in enumerate(sources)}
     counts = [0.0] * (2 * len(sources))  # correct, total per source
     mine = list(range(rank, len(questions), world_size))
+    encoded = {qi: encode_candidates(tokenizer, questions[qi]) for qi in mine}
+    # Questions of similar length share a batch: less padding. Each score is the same whatever its
+    # batch, so this changes nothing but the time.
+    mine.sort(key=lambda qi: sum(len(x) for x, _ in encoded[qi]))
     per_rank = math.ceil(len(questions) / world_size) if questions else 0
     n_batches = math.ceil(per_rank / batch_questions)
     keep = _keeps_logits(model)
+    kind = _attention_kind(model) if shared_prompt else None
     distributed = world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
     reduce_dev = device if distributed and torch.distributed.get_backend() == "nccl" else torch.device("cpu")
     complete = True
@@ -230,12 +302,12 @@ def score_questions(model, tokenizer, questions: Sequence[ChoiceQuestion], *, an
                 real = len(chunk)
                 if not chunk:  # dummy work so this rank's forwards match the others'
                     chunk = [0]
-                seqs, owners = [], []
-                for qi in chunk:
-                    for s in encode_candidates(tokenizer, questions[qi]):
-                        seqs.append(s)
-                        owners.append(qi)
-                sums, ns = _forward_scores(model, seqs, pad_id, device, keep, torch)
+                groups = [encoded[qi] if qi in encoded else encode_candidates(tokenizer, questions[qi])
+                          for qi in chunk]
+                if kind is not None:
+                    sums, ns = _shared_prompt_scores(model, groups, pad_id, device, keep, kind, torch)
+                else:
+                    sums, ns = _forward_scores(model, [c for g in groups for c in g], pad_id, device, keep, torch)
                 if bar is not None:
                     bar.update(1)
                 if not real:
