@@ -322,3 +322,38 @@ def test_quality_target_only_loss_equals_the_models_loss_and_gradients(method):
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
     for a, b in zip(got_g, ref_g):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["prop_k15", "prop_all", "ia3", "lora"])
+def test_quality_scores_the_merged_model_as_the_trained_one(method):
+    """The bench scores each trained method after folding its adapter into the weights: the same
+    logits (fp32) and the same picks as the adapter applied at run time."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from bench import common, quality
+    from propulsion_ds import data
+    from propulsion_ds.eval import choice
+    mix = quality.cs_train_mix(quality.CS_SAMPLE, 16)
+    train, pad, tok = quality.cs_train_data(mix, "text", 256, "stories260K")
+    batch = {k: v for k, v in data.get_batch(train, [0, 1, 2], pad).items() if k != "labels"}
+    questions = quality.cs_questions([str(quality.CS_SAMPLE / f"{n}_dev.jsonl") for n in quality.CS_FILES],
+                                     "text", None)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(common.model_path("stories260K")), dtype=torch.float32)
+    model = quality.apply_method(model, method).eval()
+    with torch.no_grad():    # off the identity (z**15 within ~15% of 1), so that a scale left out would show
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.01 * torch.randn_like(p))
+        ref = model(**batch).logits
+    ref_picks = choice.score_questions(model, tok, questions, answer_format="text").picks
+    merged = quality.merged_for_scoring(model, method)
+    assert not any(p.requires_grad for p in merged.parameters())       # no adapter left
+    with torch.no_grad():
+        got = merged(**batch).logits
+    base = AutoModelForCausalLM.from_pretrained(str(common.model_path("stories260K")), dtype=torch.float32)
+    with torch.no_grad():
+        assert (base(**batch).logits - ref).abs().max() > 1.0                 # the adapter matters here
+    # fp32 rounding of a reordered product only: ~1e-4 on logits up to ~30
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=5e-4)
+    assert choice.score_questions(merged, tok, questions, answer_format="text").picks == ref_picks
