@@ -293,26 +293,35 @@ def test_memory_check_compares_planner_with_measured_delta():
     assert "| ZeRO-3 | propulsion |" in memory_check.table(ok)
 
 
-@pytest.mark.parametrize("method", ["prop_k15", "prop_all", "ia3", "lora", "full"])
-def test_quality_target_only_loss_equals_the_models_loss_and_gradients(method):
-    """The bench's training loss makes logits only at target positions; the loss and every
-    trainable gradient equal the model's own (full-logits) loss on packed, varied-length rows."""
+def _moved_off_identity(method):
+    """stories260K with ``method`` applied and its trainable values moved off their start (z**15
+    within ~15% of 1), so that a layer's adapter left out would show; a packed batch of 3 rows of
+    the commonsense sample, and its tokenizer."""
     import torch
     from transformers import AutoModelForCausalLM
     from bench import common, quality
     from propulsion_ds import data
     mix = quality.cs_train_mix(quality.CS_SAMPLE, 16)
-    train, pad, _ = quality.cs_train_data(mix, "text", 256, "stories260K")
-    batch = data.get_batch(train, [0, 1, 2], pad)
-    assert "position_ids" in batch and (batch["position_ids"] == 0).sum() > 3     # several documents a row
-    assert 0 < (batch["labels"] != -100).float().mean() < 0.5                      # prompts are not targets
+    train, pad, tok = quality.cs_train_data(mix, "text", 256, "stories260K")
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(str(common.model_path("stories260K")), dtype=torch.float32)
     model = quality.apply_method(model, method)
-    with torch.no_grad():    # move the scales off 1 so that the layers' outputs matter
+    with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(0.01 * torch.randn_like(p))
+    return model, data.get_batch(train, [0, 1, 2], pad), tok
+
+
+@pytest.mark.parametrize("method", ["prop_k15", "prop_all", "ia3", "lora", "full"])
+def test_quality_target_only_loss_equals_the_models_loss_and_gradients(method):
+    """The bench's training loss makes logits only at target positions; the loss and every
+    trainable gradient equal the model's own (full-logits) loss on packed, varied-length rows."""
+    import torch
+    from bench import quality
+    model, batch, _ = _moved_off_identity(method)
+    assert "position_ids" in batch and (batch["position_ids"] == 0).sum() > 3     # several documents a row
+    assert 0 < (batch["labels"] != -100).float().mean() < 0.5                      # prompts are not targets
     params = [p for p in model.parameters() if p.requires_grad]
     grads = []
     for loss_fn in (lambda: model(**batch).loss, lambda: quality.target_loss(model, batch)):
@@ -331,20 +340,13 @@ def test_quality_scores_the_merged_model_as_the_trained_one(method):
     import torch
     from transformers import AutoModelForCausalLM
     from bench import common, quality
-    from propulsion_ds import data
     from propulsion_ds.eval import choice
-    mix = quality.cs_train_mix(quality.CS_SAMPLE, 16)
-    train, pad, tok = quality.cs_train_data(mix, "text", 256, "stories260K")
-    batch = {k: v for k, v in data.get_batch(train, [0, 1, 2], pad).items() if k != "labels"}
+    model, batch, tok = _moved_off_identity(method)
+    model.eval()
+    batch = {k: v for k, v in batch.items() if k != "labels"}
     questions = quality.cs_questions([str(quality.CS_SAMPLE / f"{n}_dev.jsonl") for n in quality.CS_FILES],
                                      "text", None)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(str(common.model_path("stories260K")), dtype=torch.float32)
-    model = quality.apply_method(model, method).eval()
-    with torch.no_grad():    # off the identity (z**15 within ~15% of 1), so that a scale left out would show
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.01 * torch.randn_like(p))
+    with torch.no_grad():
         ref = model(**batch).logits
     ref_picks = choice.score_questions(model, tok, questions, answer_format="text").picks
     merged = quality.merged_for_scoring(model, method)
